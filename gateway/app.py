@@ -1,0 +1,442 @@
+"""The gateway's two listeners and the in-process way to run them.
+
+The public listener is a plain ASGI callable rather than a Quart app: most requests are
+passthrough, and for those the only work is choosing a route class and streaming bytes, so
+a framework's request parsing, body buffering and response objects would be pure cost.
+Owned endpoints get a small :class:`gateway.http.Request` instead (see ``gateway/http.py``).
+
+Public routing, in order:
+
+1. An owned route (``Router.add``) matching method and path: its handler answers.
+2. ``/_synapse/admin`` (after percent-decoding and resolving ``.``/``..``): 404
+   ``M_UNRECOGNIZED`` unless ``homeserver.expose_admin_api`` is set, then passthrough.
+3. ``/_matrix/``, ``/.well-known/matrix/`` and ``/_synapse/client/`` (Synapse's pages for
+   SSO, password reset and consent, which browsers must reach): passthrough.
+4. Anything else, other ``/_synapse/`` paths included (replication, metrics): 404
+   ``M_UNRECOGNIZED``. The raw path is what is forwarded; the decoded and resolved form
+   only decides the class, so ``/_matrix/../_synapse/admin`` cannot reach the admin API.
+
+The internal listener (loopback only) serves ``/health``, ``/health/live`` and
+``/metrics``, plus whatever is registered on its router (the notary later).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+
+from gateway.config import BindAddress, GatewayConfig
+from gateway.errors import Codes, MatrixError
+from gateway.homeserver.forward import ResponseCutShort
+from gateway.http import (
+    ClientDisconnected,
+    Message,
+    Receive,
+    Request,
+    Response,
+    Router,
+    Scope,
+    Send,
+    new_request_id,
+    send_response,
+)
+from gateway.logging import get_logger, loggable_query
+from gateway.metrics import CONTENT_TYPE_LATEST
+from gateway.services import Services, open_services
+
+__all__ = [
+    "InternalApp",
+    "ListenerSockets",
+    "Listening",
+    "PublicApp",
+    "RouteInstaller",
+    "bind_sockets",
+    "serve",
+]
+
+#: A feature's way in: called once per worker with the router and the services.
+RouteInstaller = Callable[[Router, Services], None]
+
+#: Owned endpoints on the public listener. Feature modules add their installer here.
+PUBLIC_ROUTES: list[RouteInstaller] = []
+#: Endpoints on the internal listener besides /health and /metrics (the notary).
+INTERNAL_ROUTES: list[RouteInstaller] = []
+
+_BACKLOG = 1024
+_GRACEFUL_TIMEOUT = 5.0
+# Idle keep-alive connections (and clients slow to send their headers) are closed after
+# this, never later than public.request_timeout.
+_KEEP_ALIVE_TIMEOUT = 20.0
+_PASSTHROUGH_PREFIXES = (b"/_matrix/", b"/.well-known/matrix/", b"/_synapse/client/")
+
+
+def _not_recognized() -> MatrixError:
+    return MatrixError(404, Codes.UNRECOGNIZED, "Unrecognized request")
+
+
+_log = get_logger("gateway")
+
+
+def route_path(raw_path: bytes) -> bytes:
+    """The path as the homeserver would resolve it: percent-decoded, ``//`` collapsed,
+    ``.`` and ``..`` resolved. Used only to choose a route class."""
+    decoded = unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path
+    if b"/." not in decoded and b"//" not in decoded:
+        return decoded
+    trailing = decoded.endswith(b"/")
+    resolved = posixpath.normpath(decoded.decode("latin-1")).encode("latin-1")
+    if resolved.startswith(b"//"):
+        resolved = b"/" + resolved.lstrip(b"/")
+    return resolved + b"/" if trailing and resolved != b"/" else resolved
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+class PublicApp:
+    """The public listener's ASGI application."""
+
+    def __init__(self, services: Services, router: Router) -> None:
+        self.services = services
+        self.router = router
+        self.expose_admin = services.config.homeserver.expose_admin_api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+
+    def classify(self, raw_path: bytes) -> str:
+        """The route class of a request no owned route took."""
+        path = route_path(raw_path)
+        if path == b"/_synapse/admin" or path.startswith(b"/_synapse/admin/"):
+            return "admin" if self.expose_admin else "admin_blocked"
+        if path.startswith(_PASSTHROUGH_PREFIXES):
+            return "passthrough"
+        return "not_found"
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        request_id = new_request_id()
+        method: str = scope["method"]
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf8")
+        status = 0
+        sent = 0
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        route = "not_found"
+        outcome: str | None = None
+        services = self.services
+        try:
+            match = self.router.match(method, raw_path)
+            if match is not None:
+                route = match.route.name
+                request = Request(
+                    scope,
+                    receive,
+                    services=services,
+                    request_id=request_id,
+                    log=_log.bind(request_id=request_id, route=route),
+                    path_params=match.params,
+                    route=route,
+                )
+                response = await match.route.handler(request)
+                await send_response(tracked_send, response, head=method == "HEAD")
+            else:
+                route = self.classify(raw_path)
+                if route == "passthrough" or route == "admin":
+                    await services.forwarder.passthrough(scope, receive, tracked_send)
+                else:
+                    raise _not_recognized()
+        except MatrixError as e:
+            if e.status >= 500:
+                outcome = getattr(e, "kind", e.errcode)
+            if status == 0:
+                response = Response.error(e)
+                if e.status in (408, 413) and scope.get("http_version") in ("1.0", "1.1"):
+                    # The rest of the body is still on the wire: this connection is done.
+                    response.headers.append((b"connection", b"close"))
+                await send_response(tracked_send, response, head=method == "HEAD")
+        except ClientDisconnected:
+            outcome = "client_disconnected"
+            status = status or 499
+        except ResponseCutShort as e:
+            outcome = f"cut_short:{e.kind}"
+        except Exception:
+            outcome = "exception"
+            _log.exception("unhandled error", request_id=request_id, route=route)
+            if status == 0:
+                error = MatrixError(500, Codes.UNKNOWN, "Internal server error")
+                await send_response(tracked_send, Response.error(error))
+        duration = time.perf_counter() - started
+        services.metrics.observe_request(route, status, duration)
+        client = scope.get("client")
+        _log.info(
+            "request",
+            request_id=request_id,
+            method=method,
+            path=raw_path.decode("latin-1"),
+            query=loggable_query(scope.get("query_string", b"")),
+            route=route,
+            status=status,
+            duration_ms=round(duration * 1000, 2),
+            bytes_out=sent,
+            client=client[0] if client else None,
+            **({"outcome": outcome} if outcome else {}),
+        )
+
+
+class InternalApp:
+    """The internal listener: health, metrics, and routes added for the notary."""
+
+    def __init__(self, services: Services, router: Router) -> None:
+        self.services = services
+        self.router = router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        request_id = new_request_id()
+        method: str = scope["method"]
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf8")
+        try:
+            match = self.router.match(method, raw_path)
+            if match is not None:
+                request = Request(
+                    scope,
+                    receive,
+                    services=self.services,
+                    request_id=request_id,
+                    log=_log.bind(request_id=request_id, route=match.route.name),
+                    path_params=match.params,
+                    route=match.route.name,
+                )
+                response = await match.route.handler(request)
+            elif method in ("GET", "HEAD") and raw_path == b"/metrics":
+                body = self.services.metrics.render()
+                response = Response(200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
+            elif method in ("GET", "HEAD") and raw_path == b"/health/live":
+                response = Response.json({"status": "ok"})
+            elif method in ("GET", "HEAD") and raw_path == b"/health":
+                response = await self._health()
+            else:
+                raise _not_recognized()
+        except MatrixError as e:
+            response = Response.error(e)
+        except Exception:
+            _log.exception("unhandled error", request_id=request_id, listener="internal")
+            response = Response.error(MatrixError(500, Codes.UNKNOWN, "Internal server error"))
+        await send_response(send, response, head=method == "HEAD")
+        _log.debug(
+            "internal request",
+            request_id=request_id,
+            method=method,
+            path=raw_path.decode("latin-1"),
+            status=response.status,
+        )
+
+    async def _health(self) -> Response:
+        """200 when the homeserver answers its federation version endpoint, 503 if not."""
+        try:
+            with trio.fail_after(min(2.0, self.services.config.homeserver.connect_timeout + 1)):
+                answer = await self.services.homeserver.get("/_matrix/federation/v1/version")
+            ok = answer.status_code == 200
+            detail = "ok" if ok else f"answered {answer.status_code}"
+        except (httpx.HTTPError, trio.TooSlowError) as e:
+            ok, detail = False, f"unreachable ({type(e).__name__})"
+        body = {"status": "ok" if ok else "degraded", "homeserver": detail}
+        return Response.json(body, 200 if ok else 503)
+
+
+# --- serving -------------------------------------------------------------------------------
+
+
+@dataclass
+class ListenerSockets:
+    """Bound, listening sockets of both listeners; shared by all worker processes."""
+
+    public: socket.socket
+    internal: socket.socket
+
+    def close(self) -> None:
+        self.public.close()
+        self.internal.close()
+
+
+@dataclass(frozen=True)
+class Listening:
+    """Where a running gateway answers (ports resolved when the config said 0)."""
+
+    public_url: str
+    internal_url: str
+
+
+def _bind(address: BindAddress) -> socket.socket:
+    host = "127.0.0.1" if address.host == "localhost" else address.host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, address.port))
+        sock.listen(_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
+def bind_sockets(config: GatewayConfig) -> ListenerSockets:
+    """Binds both listeners (raises OSError, e.g. when a port is taken)."""
+    internal = _bind(config.internal.bind)
+    try:
+        public = _bind(config.public.bind)
+    except OSError:
+        internal.close()
+        raise
+    return ListenerSockets(public=public, internal=internal)
+
+
+def _url(scheme: str, sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port}"
+
+
+def hypercorn_config(
+    config: GatewayConfig, *, tls: tuple[Path, Path] | None = None
+) -> HypercornConfig:
+    """Hypercorn settings for one listener; ``tls`` is (certificate, private key)."""
+    hc = HypercornConfig()
+    hc.accesslog = None  # the app logs one line per request itself
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    # Passthrough responses carry the homeserver's own Server and Date headers.
+    hc.include_server_header = False
+    hc.include_date_header = False
+    hc.keep_alive_timeout = min(_KEEP_ALIVE_TIMEOUT, config.public.request_timeout)
+    hc.graceful_timeout = _GRACEFUL_TIMEOUT
+    hc.backlog = _BACKLOG
+    if tls is not None:
+        hc.certfile = str(tls[0])
+        hc.keyfile = str(tls[1])
+    return hc
+
+
+def internal_tls_files(config: GatewayConfig) -> tuple[Path, Path] | None:
+    """Certificate and key for the internal listener, or None for plain HTTP.
+
+    The notary will switch this on (a self-made certificate from
+    ``gateway.notary.certificate.ensure_self_signed_certificate``): the homeserver only
+    talks HTTPS to key servers.
+    """
+    return None
+
+
+async def serve(
+    config: GatewayConfig,
+    *,
+    sockets: ListenerSockets | None = None,
+    shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
+    public_routes: Sequence[RouteInstaller] = (),
+    internal_routes: Sequence[RouteInstaller] = (),
+    task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Runs both listeners in this process until ``shutdown_trigger`` returns (graceful:
+    requests in flight get a few seconds) or the caller cancels.
+
+    Use with ``listening = await nursery.start(serve, config)``. Without ``sockets`` it
+    binds its own (port 0 in the config picks free ports; see ``Listening``).
+    ``public_routes``/``internal_routes`` install routes in addition to
+    :data:`PUBLIC_ROUTES`/:data:`INTERNAL_ROUTES`.
+    """
+    own_sockets = sockets is None
+    listeners = sockets if sockets is not None else bind_sockets(config)
+    try:
+        async with open_services(config) as services:
+            services.metrics.worker_starts.inc()
+            public_router = Router()
+            for install in [*PUBLIC_ROUTES, *public_routes]:
+                install(public_router, services)
+            internal_router = Router()
+            for install in [*INTERNAL_ROUTES, *internal_routes]:
+                install(internal_router, services)
+
+            public_tls = None
+            if config.public.tls_certificate_path and config.public.tls_private_key_path:
+                public_tls = (
+                    config.public.tls_certificate_path,
+                    config.public.tls_private_key_path,
+                )
+            internal_tls = internal_tls_files(config)
+            stop = trio.Event()
+
+            def listener(app: Any, sock: socket.socket, tls: Any) -> Any:
+                hc = hypercorn_config(config, tls=tls)
+                secure, insecure = ([sock], []) if tls else ([], [sock])
+                return partial(
+                    worker_serve,
+                    wrap_app(app, hc.wsgi_max_body_size, "asgi"),
+                    hc,
+                    sockets=Sockets(secure, insecure, []),
+                    shutdown_trigger=stop.wait,
+                )
+
+            async with trio.open_nursery() as nursery:
+                # Internal first: the homeserver stops asking a notary that failed to answer.
+                await nursery.start(
+                    listener(
+                        InternalApp(services, internal_router), listeners.internal, internal_tls
+                    )
+                )
+                await nursery.start(
+                    listener(PublicApp(services, public_router), listeners.public, public_tls)
+                )
+                task_status.started(
+                    Listening(
+                        public_url=_url("https" if public_tls else "http", listeners.public),
+                        internal_url=_url("https" if internal_tls else "http", listeners.internal),
+                    )
+                )
+                if shutdown_trigger is not None:
+                    await shutdown_trigger()
+                    stop.set()
+    finally:
+        if own_sockets:
+            listeners.close()

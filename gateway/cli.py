@@ -1,0 +1,199 @@
+"""The ``gateway`` command.
+
+Subcommands are entries in :data:`COMMANDS`; a new one is a :class:`Command` with a function
+that adds its arguments and a function that runs it. Heavy modules are imported only when
+their subcommand runs (see :func:`lazy`).
+
+Exit status: 0 success, 1 invalid configuration (or a failure to start), 2 for
+``gateway check`` when the configuration is valid but the homeserver does not answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import ssl
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway import __version__
+from gateway.config import ConfigError, GatewayConfig, load_config
+
+__all__ = ["COMMANDS", "Command", "lazy", "main"]
+
+DEFAULT_CONFIG = Path("gateway.toml")
+EXIT_OK = 0
+EXIT_CONFIG = 1
+EXIT_HOMESERVER = 2
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def lazy(module: str, function: str = "main") -> Callable[[argparse.Namespace], int]:
+    """A runner that imports ``module`` only when the subcommand runs, then calls
+    ``module.function(args)``."""
+
+    def run(args: argparse.Namespace) -> int:
+        result = getattr(importlib.import_module(module), function)(args)
+        return int(result or 0)
+
+    return run
+
+
+def _config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        metavar="PATH",
+        help=f"configuration file (default: {DEFAULT_CONFIG})",
+    )
+
+
+def _load(path: Path) -> GatewayConfig | None:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        print(e.describe(), file=sys.stderr)
+        return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    from gateway.workers import run
+
+    return run(config)
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    public = config.public
+    if public.tls_certificate_path and public.tls_private_key_path:
+        try:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(public.tls_certificate_path, public.tls_private_key_path)
+        except (ssl.SSLError, OSError) as e:
+            print(
+                f"invalid configuration {args.config}:\n  public.tls_certificate_path / "
+                f"public.tls_private_key_path: cannot load the certificate and key: {e}",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+    print(f"configuration {args.config}: ok")
+
+    import trio
+
+    return trio.run(_check_homeserver, config)
+
+
+async def _check_homeserver(config: GatewayConfig) -> int:
+    import httpx
+
+    hs = config.homeserver
+    url = hs.url + "/_matrix/federation/v1/version"
+    timeout = httpx.Timeout(hs.read_timeout, connect=hs.connect_timeout)
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            response = await client.get(url)
+    except httpx.HTTPError as e:
+        reason = str(e) or type(e).__name__
+        print(f"homeserver {hs.url} (homeserver.url) does not answer: {reason}", file=sys.stderr)
+        return EXIT_HOMESERVER
+    server: Any = None
+    if response.status_code == 200:
+        try:
+            server = response.json().get("server")
+        except ValueError:
+            server = None
+    if not isinstance(server, dict):
+        print(
+            f"homeserver {hs.url} (homeserver.url) answered GET /_matrix/federation/v1/version "
+            f"with {response.status_code}, not a federation version",
+            file=sys.stderr,
+        )
+        return EXIT_HOMESERVER
+    name, version = server.get("name", "?"), server.get("version", "?")
+    print(f"homeserver {hs.url}: ok ({name} {version})")
+    return EXIT_OK
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults stay None: gateway.demo parses the forwarded arguments and owns the defaults.
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where the demo keeps its homeserver, configs and demo.json (default: demo-data)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=None, metavar="N", help="the gateway's public port"
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a gateway configuration to start from (default: one made for the demo)",
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    argv: list[str] = []
+    for flag, value in (("--data-dir", args.data_dir), ("--port", args.port)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.config is not None:
+        argv += ["--config", str(args.config)]
+    return int(importlib.import_module("gateway.demo").main(argv) or 0)
+
+
+COMMANDS: list[Command] = [
+    Command("run", "serve (until SIGINT or SIGTERM)", _config_argument, _run),
+    Command(
+        "check",
+        "validate the configuration, then check that the homeserver answers",
+        _config_argument,
+        _check,
+    ),
+    Command(
+        "demo",
+        "start a local Synapse with the gateway in front of it",
+        _demo_arguments,
+        _demo,
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="A Matrix federation gateway in front of a homeserver."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(handler=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,573 @@
+"""The gateway's configuration: ``gateway.toml`` loaded into frozen dataclasses.
+
+Every problem is reported with the dotted key it concerns and what is wrong with it, e.g.
+``public.workers: must be an integer >= 1, got 'two'``. All problems in a file are collected
+and reported together, so an operator fixes them in one pass. Relative paths are relative to
+the directory of the configuration file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+__all__ = [
+    "BindAddress",
+    "ConfigError",
+    "FederationConfig",
+    "GatewayConfig",
+    "HomeserverConfig",
+    "InternalConfig",
+    "LogConfig",
+    "PublicConfig",
+    "ServerConfig",
+    "StoreConfig",
+    "TrustedKeyServer",
+    "load_config",
+    "parse_config",
+]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+StoreBackend = Literal["sqlite", "postgres"]
+
+
+class ConfigError(Exception):
+    """The configuration is unusable. ``problems`` holds one ``"key: reason"`` line each."""
+
+    def __init__(self, problems: list[str], *, source: Path | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        where = f"{source}: " if source is not None else ""
+        super().__init__(where + "; ".join(self.problems))
+
+    def describe(self) -> str:
+        """A multi-line text for a terminal: the file, then one problem per line."""
+        head = f"invalid configuration {self.source}" if self.source else "invalid configuration"
+        return head + ":\n" + "\n".join(f"  {p}" for p in self.problems)
+
+
+@dataclass(frozen=True)
+class BindAddress:
+    """A listening address; ``port`` 0 lets the system pick a free port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    server_name: str
+    signing_key_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class HomeserverConfig:
+    url: str = "http://127.0.0.1:8008"
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    expose_admin_api: bool = False
+
+
+@dataclass(frozen=True)
+class PublicConfig:
+    bind: BindAddress = BindAddress("0.0.0.0", 8448)
+    tls_certificate_path: Path | None = None
+    tls_private_key_path: Path | None = None
+    max_body_size: int = 52428800
+    workers: int = 1
+    request_timeout: float = 60.0
+    x_forwarded: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_certificate_path is not None
+
+
+@dataclass(frozen=True)
+class InternalConfig:
+    bind: BindAddress = BindAddress("127.0.0.1", 8449)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: LogFormat = "auto"
+    level: LogLevel = "info"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    backend: StoreBackend = "sqlite"
+    sqlite_path: Path = Path("gateway.db")
+    postgres_dsn: str = ""
+
+
+@dataclass(frozen=True)
+class TrustedKeyServer:
+    server_name: str
+    #: key id (``ed25519:...``) -> unpadded base64 public key
+    verify_keys: Mapping[str, str]
+
+
+def _default_blacklist() -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(n) for n in _DEFAULT_BLACKLIST)
+
+
+_DEFAULT_BLACKLIST = (
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "192.0.0.0/24",
+    "169.254.0.0/16",
+    "192.88.99.0/24",
+    "198.18.0.0/15",
+    "192.0.2.0/24",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "0.0.0.0/8",
+    "240.0.0.0/4",
+    "::1/128",
+    "fe80::/10",
+    "fc00::/7",
+    "2001:db8::/32",
+    "ff00::/8",
+    "fec0::/10",
+    "::/128",
+)
+
+
+def _default_trusted_key_servers() -> tuple[TrustedKeyServer, ...]:
+    return (
+        TrustedKeyServer(
+            "matrix.org", {"ed25519:auto": "Noi6WqcDj0QmPxCNQqgezwTlBKrfqehY1u2FyWP9uYw"}
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    ip_range_blacklist: tuple[IPNetwork, ...] = field(default_factory=_default_blacklist)
+    ip_range_whitelist: tuple[IPNetwork, ...] = ()
+    federation_certificate_verification_whitelist: tuple[str, ...] = ()
+    trusted_key_servers: tuple[TrustedKeyServer, ...] = field(
+        default_factory=_default_trusted_key_servers
+    )
+    request_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    server: ServerConfig
+    homeserver: HomeserverConfig = HomeserverConfig()
+    public: PublicConfig = PublicConfig()
+    internal: InternalConfig = InternalConfig()
+    log: LogConfig = LogConfig()
+    store: StoreConfig = StoreConfig()
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    #: the file this was loaded from (None when built in code)
+    source: Path | None = None
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Reads and validates ``path``. Raises :class:`ConfigError` naming each bad key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf8")
+    except FileNotFoundError:
+        raise ConfigError(["file not found"], source=path) from None
+    except OSError as e:
+        raise ConfigError([f"cannot read the file: {e.strerror}"], source=path) from None
+    except UnicodeDecodeError:
+        raise ConfigError(["the file is not UTF-8 text"], source=path) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"invalid TOML: {e}"], source=path) from None
+    return parse_config(data, base_dir=path.resolve().parent, source=path)
+
+
+def parse_config(
+    data: Mapping[str, Any], *, base_dir: Path, source: Path | None = None
+) -> GatewayConfig:
+    """Validates an already parsed TOML document; relative paths are joined to ``base_dir``."""
+    r = _Reader(base_dir)
+    sections = {
+        "server",
+        "homeserver",
+        "public",
+        "internal",
+        "log",
+        "store",
+        "federation",
+    }
+    for name, value in data.items():
+        if name not in sections:
+            r.problem(name, f"unknown section (known: {', '.join(sorted(sections))})")
+        elif not isinstance(value, dict):
+            r.problem(name, f"must be a table ([{name}]), got {_show(value)}")
+
+    def table(name: str) -> Mapping[str, Any]:
+        value = data.get(name, {})
+        return value if isinstance(value, dict) else {}
+
+    server = _server(r, table("server"))
+    homeserver = _homeserver(r, table("homeserver"))
+    public = _public(r, table("public"))
+    internal = _internal(r, table("internal"))
+    log = _log(r, table("log"))
+    store = _store(r, table("store"))
+    federation = _federation(r, table("federation"))
+    if r.problems:
+        raise ConfigError(r.problems, source=source)
+    assert server is not None
+    return GatewayConfig(
+        server=server,
+        homeserver=homeserver,
+        public=public,
+        internal=internal,
+        log=log,
+        store=store,
+        federation=federation,
+        source=source,
+    )
+
+
+_T = TypeVar("_T")
+_MISSING: Any = object()
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Reader:
+    """Reads typed values out of one table, remembering every problem it meets."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.problems: list[str] = []
+
+    def problem(self, key: str, reason: str) -> None:
+        self.problems.append(f"{key}: {reason}")
+
+    def check_keys(self, section: str, table: Mapping[str, Any], known: set[str]) -> None:
+        for key in table:
+            if key not in known:
+                self.problem(f"{section}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
+
+    def get(
+        self,
+        section: str,
+        table: Mapping[str, Any],
+        key: str,
+        default: _T,
+        convert: Callable[[Any], _T],
+    ) -> _T:
+        """``convert`` returns the value or raises ValueError with the reason."""
+        if key not in table:
+            if default is _MISSING:
+                self.problem(f"{section}.{key}", "required key is missing")
+            return default
+        try:
+            return convert(table[key])
+        except ValueError as e:
+            self.problem(f"{section}.{key}", str(e))
+            return default
+
+    def path(self, value: Any) -> Path | None:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a path string, got {_show(value)}")
+        if value == "":
+            return None
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok or value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise ValueError(f"must be an integer {bound}, got {_show(value)}")
+        return int(value)
+
+    return convert
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"must be a number of seconds > 0, got {_show(value)}")
+    if value > 86400:
+        raise ValueError(f"must be at most 86400 seconds, got {_show(value)}")
+    return float(value)
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {_show(value)}")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {_show(value)}")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[Any], Any]:
+    def convert(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(map(repr, choices))}, got {_show(value)}")
+        return str(value)
+
+    return convert
+
+
+def _bind(value: Any) -> BindAddress:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string 'host:port', got {_show(value)}")
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"must be 'host:port' (IPv6 as '[::1]:8448'), got {_show(value)}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port must be from 0 to 65535, got {port}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError(
+                f"host must be an IP address (or 'localhost'), got {_show(host)}"
+            ) from None
+    return BindAddress(host, port)
+
+
+def _is_loopback(host: str) -> bool:
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
+
+
+def _server_name(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a non-empty server name, got {_show(value)}")
+    host, port = value, ""
+    if value.startswith("["):
+        end = value.find("]")
+        host, rest = value[: end + 1], value[end + 1 :]
+        if end < 0 or (rest and not rest.startswith(":")):
+            raise ValueError(f"must be 'host' or 'host:port', got {_show(value)}")
+        port = rest[1:]
+    elif ":" in value:
+        host, _, port = value.partition(":")
+    if port and not (port.isdigit() and 0 < int(port) <= 65535):
+        raise ValueError(f"has an invalid port, got {_show(value)}")
+    if not _SERVER_HOST.fullmatch(host):
+        raise ValueError(
+            f"must be a DNS name or IP literal (with optional :port), got {_show(value)}"
+        )
+    return value
+
+
+_SERVER_HOST = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
+
+
+def _url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a URL string, got {_show(value)}")
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {_show(value)}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"must not have a path, query or fragment, got {_show(value)}")
+    try:
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError:
+        raise ValueError(f"has an invalid port, got {_show(value)}") from None
+    return value.rstrip("/")
+
+
+def _networks(value: Any) -> tuple[IPNetwork, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of CIDR ranges, got {_show(value)}")
+    out = []
+    for item in value:
+        try:
+            out.append(ipaddress.ip_network(item))
+        except (ValueError, TypeError):
+            raise ValueError(f"{_show(item)} is not a CIDR range like '10.0.0.0/8'") from None
+    return tuple(out)
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"must be a list of strings, got {_show(value)}")
+    return tuple(value)
+
+
+def _trusted_key_servers(value: Any) -> tuple[TrustedKeyServer, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of tables, got {_show(value)}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ValueError(f"[{i}] must be a table, got {_show(item)}")
+        unknown = set(item) - {"server_name", "verify_keys"}
+        if unknown:
+            raise ValueError(f"[{i}] has unknown keys {sorted(unknown)}")
+        try:
+            name = _server_name(item.get("server_name"))
+        except ValueError as e:
+            raise ValueError(f"[{i}].server_name {e}") from None
+        keys = item.get("verify_keys", {})
+        if not isinstance(keys, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in keys.items()
+        ):
+            raise ValueError(f"[{i}].verify_keys must map key ids to base64 keys")
+        out.append(TrustedKeyServer(name, dict(keys)))
+    return tuple(out)
+
+
+def _server(r: _Reader, t: Mapping[str, Any]) -> ServerConfig | None:
+    r.check_keys("server", t, {"server_name", "signing_key_path"})
+    name = r.get("server", t, "server_name", _MISSING, _server_name)
+    key_path = r.get("server", t, "signing_key_path", None, r.path)
+    if key_path is not None and not key_path.is_file():
+        r.problem("server.signing_key_path", f"file not found: {key_path}")
+    if name is _MISSING:
+        return None
+    return ServerConfig(server_name=name, signing_key_path=key_path)
+
+
+def _homeserver(r: _Reader, t: Mapping[str, Any]) -> HomeserverConfig:
+    d = HomeserverConfig()
+    s = "homeserver"
+    r.check_keys(s, t, {"url", "connect_timeout", "read_timeout", "expose_admin_api"})
+    return HomeserverConfig(
+        url=r.get(s, t, "url", d.url, _url),
+        connect_timeout=r.get(s, t, "connect_timeout", d.connect_timeout, _seconds),
+        read_timeout=r.get(s, t, "read_timeout", d.read_timeout, _seconds),
+        expose_admin_api=r.get(s, t, "expose_admin_api", d.expose_admin_api, _boolean),
+    )
+
+
+def _public(r: _Reader, t: Mapping[str, Any]) -> PublicConfig:
+    d = PublicConfig()
+    s = "public"
+    r.check_keys(
+        s,
+        t,
+        {
+            "bind",
+            "tls_certificate_path",
+            "tls_private_key_path",
+            "max_body_size",
+            "workers",
+            "request_timeout",
+            "x_forwarded",
+        },
+    )
+    cert = r.get(s, t, "tls_certificate_path", None, r.path)
+    key = r.get(s, t, "tls_private_key_path", None, r.path)
+    if (cert is None) != (key is None):
+        missing = "tls_private_key_path" if key is None else "tls_certificate_path"
+        r.problem(f"public.{missing}", "must be set too when the other TLS path is set")
+    for name, p in (("tls_certificate_path", cert), ("tls_private_key_path", key)):
+        if p is not None and not p.is_file():
+            r.problem(f"public.{name}", f"file not found: {p}")
+    return PublicConfig(
+        bind=r.get(s, t, "bind", d.bind, _bind),
+        tls_certificate_path=cert,
+        tls_private_key_path=key,
+        max_body_size=r.get(s, t, "max_body_size", d.max_body_size, _integer(1)),
+        workers=r.get(s, t, "workers", d.workers, _integer(1, 64)),
+        request_timeout=r.get(s, t, "request_timeout", d.request_timeout, _seconds),
+        x_forwarded=r.get(s, t, "x_forwarded", d.x_forwarded, _boolean),
+    )
+
+
+def _internal(r: _Reader, t: Mapping[str, Any]) -> InternalConfig:
+    d = InternalConfig()
+    r.check_keys("internal", t, {"bind"})
+    bind = r.get("internal", t, "bind", d.bind, _bind)
+    if not _is_loopback(bind.host):
+        r.problem(
+            "internal.bind",
+            f"must be a loopback address (127.0.0.1, ::1 or localhost), got {bind.host!r}: "
+            "it serves metrics and the homeserver's notary",
+        )
+    return InternalConfig(bind=bind)
+
+
+def _log(r: _Reader, t: Mapping[str, Any]) -> LogConfig:
+    d = LogConfig()
+    r.check_keys("log", t, {"format", "level"})
+    return LogConfig(
+        format=r.get("log", t, "format", d.format, _choice("auto", "json", "console")),
+        level=r.get("log", t, "level", d.level, _choice("debug", "info", "warning", "error")),
+    )
+
+
+def _store(r: _Reader, t: Mapping[str, Any]) -> StoreConfig:
+    d = StoreConfig()
+    s = "store"
+    r.check_keys(s, t, {"backend", "sqlite_path", "postgres_dsn"})
+    backend = r.get(s, t, "backend", d.backend, _choice("sqlite", "postgres"))
+    default_path: Path | None = r.base_dir / d.sqlite_path
+    sqlite_path = r.get(s, t, "sqlite_path", default_path, r.path)
+    dsn = r.get(s, t, "postgres_dsn", d.postgres_dsn, _string)
+    if sqlite_path is None:
+        r.problem("store.sqlite_path", "must not be empty")
+        sqlite_path = d.sqlite_path
+    if backend == "postgres" and not dsn:
+        r.problem("store.postgres_dsn", 'must be set when store.backend = "postgres"')
+    return StoreConfig(backend=backend, sqlite_path=sqlite_path, postgres_dsn=dsn)
+
+
+def _federation(r: _Reader, t: Mapping[str, Any]) -> FederationConfig:
+    d = FederationConfig()
+    s = "federation"
+    r.check_keys(
+        s,
+        t,
+        {
+            "ip_range_blacklist",
+            "ip_range_whitelist",
+            "federation_certificate_verification_whitelist",
+            "trusted_key_servers",
+            "request_timeout",
+        },
+    )
+    return FederationConfig(
+        ip_range_blacklist=r.get(s, t, "ip_range_blacklist", d.ip_range_blacklist, _networks),
+        ip_range_whitelist=r.get(s, t, "ip_range_whitelist", d.ip_range_whitelist, _networks),
+        federation_certificate_verification_whitelist=r.get(
+            s,
+            t,
+            "federation_certificate_verification_whitelist",
+            d.federation_certificate_verification_whitelist,
+            _strings,
+        ),
+        trusted_key_servers=r.get(
+            s, t, "trusted_key_servers", d.trusted_key_servers, _trusted_key_servers
+        ),
+        request_timeout=r.get(s, t, "request_timeout", d.request_timeout, _seconds),
+    )

@@ -1,0 +1,126 @@
+"""One real Synapse (SQLite, loopback) with the gateway in front, for the whole session.
+
+The fixtures are synchronous (pytest-trio has no session-scoped async fixtures): the two
+servers run as child processes and tests talk to them with httpx. If Synapse or the gateway
+cannot start, every test that uses them errors with the tail of their logs; nothing is
+skipped.
+
+Fixtures (all session-scoped unless noted):
+
+- ``stack_processes``: ``gateway.demo.StackProcesses``, the running Synapse and gateway
+  (``.stack``, ``.synapse``, ``.gateway`` with ``.logs()``).
+- ``stack``: ``gateway.demo.Stack``: ``server_name``, ``gateway_url``, ``internal_url``,
+  ``homeserver_url``, ``registration_shared_secret``, ``gateway_config_path``, ``synapse``
+  (``SynapseConfig``: ``config_path``, ``signing_key_path``, ``log_path``).
+- ``server_name``, ``gateway_url``, ``homeserver_url``: the strings above.
+- ``register_user(localpart=None, *, password=None, admin=False) -> RegisteredUser``:
+  registers straight at Synapse with the shared secret; a fresh localpart when none is given.
+- ``login(user) -> str``: a password login through the gateway; returns the access token.
+- ``gateway_client``, ``homeserver_client`` (per test): ``httpx.Client`` with the base URL.
+- ``remote_server``: ``tests.support.remote_server.RemoteServer``, a homeserver named
+  ``localhost:PORT`` with its own key, serving it over TLS; it signs requests with X-Matrix.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from gateway.demo import Stack, StackProcesses, prepare_stack
+from gateway.homeserver.synapse import RegisteredUser, free_port
+from gateway.homeserver.synapse import register_user as register
+from tests.support.remote_server import RemoteServer
+
+# Every request a test makes has a bound; Synapse on a busy 2-core machine can be slow.
+TIMEOUT = httpx.Timeout(30.0)
+
+
+@pytest.fixture(scope="session")
+def stack_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcesses]:
+    data_dir = tmp_path_factory.mktemp("stack")
+    stack = prepare_stack(data_dir, port=free_port(), log_format="json")
+    processes = StackProcesses(stack)
+    processes.start()
+    try:
+        yield processes
+    finally:
+        processes.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(stack_processes: StackProcesses) -> Stack:
+    return stack_processes.stack
+
+
+@pytest.fixture(scope="session")
+def server_name(stack: Stack) -> str:
+    return stack.server_name
+
+
+@pytest.fixture(scope="session")
+def gateway_url(stack: Stack) -> str:
+    return stack.gateway_url
+
+
+@pytest.fixture(scope="session")
+def homeserver_url(stack: Stack) -> str:
+    return stack.homeserver_url
+
+
+@pytest.fixture
+def gateway_client(gateway_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway_url, timeout=TIMEOUT) as client:
+        yield client
+
+
+@pytest.fixture
+def homeserver_client(homeserver_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=homeserver_url, timeout=TIMEOUT) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def register_user(stack: Stack) -> Callable[..., RegisteredUser]:
+    counter = itertools.count(1)
+
+    def register_user(
+        localpart: str | None = None, *, password: str | None = None, admin: bool = False
+    ) -> RegisteredUser:
+        return register(
+            stack.homeserver_url,
+            stack.registration_shared_secret,
+            localpart or f"user{next(counter)}-{secrets.token_hex(3)}",
+            password or secrets.token_urlsafe(12),
+            admin=admin,
+        )
+
+    return register_user
+
+
+@pytest.fixture(scope="session")
+def login(stack: Stack) -> Callable[[RegisteredUser], str]:
+    def login(user: RegisteredUser) -> str:
+        response = httpx.post(
+            f"{stack.gateway_url}/_matrix/client/v3/login",
+            json={
+                "type": "m.login.password",
+                "identifier": {"type": "m.id.user", "user": user.localpart},
+                "password": user.password,
+            },
+            timeout=TIMEOUT,
+        )
+        assert response.status_code == 200, response.text
+        token: str = response.json()["access_token"]
+        return token
+
+    return login
+
+
+@pytest.fixture(scope="session")
+def remote_server() -> Iterator[RemoteServer]:
+    with RemoteServer() as server:
+        yield server
