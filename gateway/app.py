@@ -42,6 +42,7 @@ from hypercorn.utils import wrap_app
 
 from gateway.config import BindAddress, GatewayConfig
 from gateway.errors import Codes, MatrixError
+from gateway.features import invites, keys
 from gateway.homeserver.forward import ResponseCutShort
 from gateway.http import (
     ClientDisconnected,
@@ -57,6 +58,8 @@ from gateway.http import (
 )
 from gateway.logging import get_logger, loggable_query
 from gateway.metrics import CONTENT_TYPE_LATEST
+from gateway.notary import prepare_notary_files
+from gateway.notary import routes as notary_routes
 from gateway.services import Services, open_services
 
 __all__ = [
@@ -73,9 +76,9 @@ __all__ = [
 RouteInstaller = Callable[[Router, Services], None]
 
 #: Owned endpoints on the public listener. Feature modules add their installer here.
-PUBLIC_ROUTES: list[RouteInstaller] = []
+PUBLIC_ROUTES: list[RouteInstaller] = [invites.install, keys.install]
 #: Endpoints on the internal listener besides /health and /metrics (the notary).
-INTERNAL_ROUTES: list[RouteInstaller] = []
+INTERNAL_ROUTES: list[RouteInstaller] = [notary_routes.install]
 
 _BACKLOG = 1024
 _GRACEFUL_TIMEOUT = 5.0
@@ -362,11 +365,14 @@ def hypercorn_config(
 def internal_tls_files(config: GatewayConfig) -> tuple[Path, Path] | None:
     """Certificate and key for the internal listener, or None for plain HTTP.
 
-    The notary will switch this on (a self-made certificate from
-    ``gateway.notary.certificate.ensure_self_signed_certificate``): the homeserver only
-    talks HTTPS to key servers.
+    The notary switches this on (a self-made certificate, see
+    ``gateway.notary.certificate``): the homeserver only talks HTTPS to key servers. The
+    notary is on when the homeserver's signing key is configured.
     """
-    return None
+    if config.server.signing_key_path is None:
+        return None
+    files = prepare_notary_files(config.notary.state_dir)
+    return files.certificate_path, files.private_key_path
 
 
 async def serve(
@@ -389,7 +395,8 @@ async def serve(
     own_sockets = sockets is None
     listeners = sockets if sockets is not None else bind_sockets(config)
     try:
-        async with open_services(config) as services:
+        internal_port = listeners.internal.getsockname()[1]
+        async with open_services(config, notary_name=f"localhost:{internal_port}") as services:
             services.metrics.worker_starts.inc()
             public_router = Router()
             for install in [*PUBLIC_ROUTES, *public_routes]:

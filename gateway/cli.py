@@ -175,6 +175,12 @@ COMMANDS: list[Command] = [
         _demo_arguments,
         _demo,
     ),
+    Command(
+        "synapse-config",
+        "print the homeserver.yaml settings that make Synapse use the gateway's notary",
+        _config_argument,
+        lazy("gateway.notary.synapse_config"),
+    ),
 ]
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "HomeserverConfig",
     "InternalConfig",
     "LogConfig",
+    "NotaryConfig",
     "PublicConfig",
     "ServerConfig",
     "StoreConfig",
@@ -98,6 +99,16 @@ class PublicConfig:
 @dataclass(frozen=True)
 class InternalConfig:
     bind: BindAddress = BindAddress("127.0.0.1", 8449)
+
+
+@dataclass(frozen=True)
+class NotaryConfig:
+    #: the name the homeserver knows the notary by; empty: ``localhost:<internal port>``
+    server_name: str = ""
+    #: where the gateway keeps what it makes itself (notary key, TLS certificate, secret)
+    state_dir: Path = Path("state")
+    #: lifetime of a delegation key, in seconds
+    delegation_key_lifetime: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -178,6 +189,7 @@ class GatewayConfig:
     log: LogConfig = LogConfig()
     store: StoreConfig = StoreConfig()
     federation: FederationConfig = field(default_factory=FederationConfig)
+    notary: NotaryConfig = NotaryConfig()
     #: the file this was loaded from (None when built in code)
     source: Path | None = None
 
@@ -216,6 +228,7 @@ def parse_config(
         "log",
         "store",
         "federation",
+        "notary",
     }
     for name, value in data.items():
         if name not in sections:
@@ -234,6 +247,7 @@ def parse_config(
     log = _log(r, table("log"))
     store = _store(r, table("store"))
     federation = _federation(r, table("federation"))
+    notary = _notary(r, table("notary"), internal)
     if r.problems:
         raise ConfigError(r.problems, source=source)
     assert server is not None
@@ -245,6 +259,7 @@ def parse_config(
         log=log,
         store=store,
         federation=federation,
+        notary=notary,
         source=source,
     )
 
@@ -570,4 +585,32 @@ def _federation(r: _Reader, t: Mapping[str, Any]) -> FederationConfig:
             s, t, "trusted_key_servers", d.trusted_key_servers, _trusted_key_servers
         ),
         request_timeout=r.get(s, t, "request_timeout", d.request_timeout, _seconds),
+    )
+
+
+def _notary(r: _Reader, t: Mapping[str, Any], internal: InternalConfig) -> NotaryConfig:
+    d = NotaryConfig()
+    s = "notary"
+    r.check_keys(s, t, {"server_name", "state_dir", "delegation_key_lifetime"})
+    name = r.get(s, t, "server_name", "", _string)
+    if name:
+        try:
+            name = _server_name(name)
+        except ValueError as e:
+            r.problem("notary.server_name", str(e))
+    elif internal.bind.port:
+        name = f"localhost:{internal.bind.port}"
+    default_dir: Path | None = r.base_dir / d.state_dir
+    state_dir = r.get(s, t, "state_dir", default_dir, r.path)
+    lifetime = r.get(s, t, "delegation_key_lifetime", d.delegation_key_lifetime, _seconds)
+    if not 2.0 <= lifetime <= 3600.0:
+        r.problem(
+            "notary.delegation_key_lifetime",
+            f"must be between 2 and 3600 seconds (the homeserver caches keys until they "
+            f"expire, and they cannot be revoked), got {lifetime}",
+        )
+    return NotaryConfig(
+        server_name=name,
+        state_dir=state_dir if state_dir is not None else r.base_dir / d.state_dir,
+        delegation_key_lifetime=lifetime,
     )

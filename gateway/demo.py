@@ -46,6 +46,7 @@ from gateway.homeserver.synapse import (
     read_server_name,
     synapse_process,
 )
+from gateway.notary import NotaryKey, prepare_notary_files
 
 DEFAULT_DATA_DIR = Path("demo-data")
 DEFAULT_PORT = 8448
@@ -209,6 +210,7 @@ def gateway_config(
             "request_timeout": 60.0,
         },
         "internal": {"bind": f"127.0.0.1:{internal_port}"},
+        "notary": {"server_name": f"localhost:{internal_port}", "state_dir": "state"},
         "log": {"format": log_format, "level": "info"},
         "store": {"backend": "sqlite", "sqlite_path": "gateway.db", "postgres_dsn": ""},
         "federation": {
@@ -244,12 +246,23 @@ def prepare_stack(
     internal_port = internal_port or free_port()
     homeserver_port = homeserver_port or free_port()
     gateway_url = f"http://127.0.0.1:{port}"
+    # The homeserver trusts the gateway's notary (made now, before either starts), as
+    # `gateway synapse-config` would tell an operator to configure it.
+    notary_name = f"localhost:{internal_port}"
+    notary_files = prepare_notary_files(data_dir / "state")
+    notary_key = NotaryKey.load_or_create(notary_files.key_path, notary_name)
     synapse = prepare_synapse(
         SynapseSettings(
             data_dir=data_dir / SYNAPSE_DIR,
             server_name=server_name,
             port=homeserver_port,
             public_baseurl=f"{gateway_url}/",
+            trusted_key_servers=[
+                {
+                    "server_name": notary_name,
+                    "verify_keys": {notary_key.key_id: notary_key.verify_key_base64},
+                }
+            ],
             extra=dict(synapse_extra or {}),
         )
     )

@@ -11,6 +11,11 @@ Metric names:
   ``connect_error``, ``connect_timeout``, ``read_timeout``, ``write_timeout``,
   ``protocol_error``, ``closed_early``.
 * ``gateway_worker_starts_total``: worker processes started (restarts included).
+* ``gateway_legacy_invites_total{version}``: v1 and v2 invites passed through (v1 is
+  deprecated; this shows which peers still use it).
+* ``gateway_v3_invites_total{outcome}``: v3 invites by outcome (``delivered``, ``refused``).
+* ``gateway_delegation_entries_removed_total``: delegation-key entries removed from public
+  key-query answers.
 
 With several workers every process writes its values into files in the directory named by
 ``PROMETHEUS_MULTIPROC_DIR`` (the supervising process creates it before the workers start)
@@ -68,6 +73,24 @@ class Metrics:
         self.worker_starts = Counter(
             "gateway_worker_starts_total",
             "Gateway worker processes started, restarts included.",
+            registry=self.registry,
+        )
+
+        self.legacy_invites = Counter(
+            "gateway_legacy_invites_total",
+            "v1 and v2 invites passed through to the homeserver, by endpoint version.",
+            ["version"],
+            registry=self.registry,
+        )
+        self.v3_invites = Counter(
+            "gateway_v3_invites_total",
+            "v3 invites, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.delegation_entries_removed = Counter(
+            "gateway_delegation_entries_removed_total",
+            "Server-keys entries carrying a delegation key removed from public key answers.",
             registry=self.registry,
         )
 

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
+import signedjson.key
+from signedjson.types import SigningKey
 
 from gateway.config import GatewayConfig
+from gateway.federation import FederationClient, Keyring, TrustedKeyServer
 from gateway.homeserver.forward import Forwarder
 from gateway.metrics import Metrics
+from gateway.notary import DelegationKeys, Notary, NotaryKey, prepare_notary_files
+from gateway.notary.keys import load_or_create_secret
+from gateway.notary.vouches import StoreVouchRecords
+from gateway.store import Store, open_store
 
-__all__ = ["Services", "open_services"]
+__all__ = ["Services", "load_homeserver_signing_key", "now_ms", "open_services"]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 @dataclass
@@ -22,30 +35,104 @@ class Services:
 
     ``forwarder`` sends requests to the homeserver byte for byte (passthrough and
     ``request.forward()``); ``homeserver`` is an httpx client with ``base_url`` set to the
-    homeserver for the gateway's own calls to it (paths the gateway composes itself).
-    Later parts (store, keyring, notary) are added as fields here and opened in
-    :func:`open_services`.
+    homeserver for the gateway's own calls to it (paths the gateway composes itself);
+    ``keyring`` fetches and verifies other servers' keys; ``notary`` is set when the
+    homeserver's signing key is configured (``server.signing_key_path``).
     """
 
     config: GatewayConfig
     metrics: Metrics
     forwarder: Forwarder
     homeserver: httpx.AsyncClient
+    store: Store | None = None
+    federation: FederationClient | None = None
+    keyring: Keyring | None = None
+    notary: Notary | None = None
+    #: the homeserver's own signing key (a copy), when configured
+    homeserver_signing_key: SigningKey | None = None
     #: parts added by features that have no field of their own yet
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def require_keyring(self) -> Keyring:
+        assert self.keyring is not None, "services opened without a keyring"
+        return self.keyring
+
+
+def load_homeserver_signing_key(path: Path) -> SigningKey:
+    with path.open() as f:
+        keys = signedjson.key.read_signing_keys(f)
+    if not keys:
+        raise ValueError(f"{path}: no signing key in the file")
+    key: SigningKey = keys[0]
+    return key
 
 
 @asynccontextmanager
 async def open_services(
-    config: GatewayConfig, *, metrics: Metrics | None = None
+    config: GatewayConfig,
+    *,
+    metrics: Metrics | None = None,
+    notary_name: str | None = None,
 ) -> AsyncIterator[Services]:
     """Opens everything a worker needs and closes it again on exit."""
     metrics = metrics if metrics is not None else Metrics()
     hs = config.homeserver
     timeout = httpx.Timeout(hs.read_timeout, connect=hs.connect_timeout)
     forwarder = Forwarder(config, metrics)
-    try:
-        async with httpx.AsyncClient(base_url=hs.url, timeout=timeout) as client:
-            yield Services(config=config, metrics=metrics, forwarder=forwarder, homeserver=client)
-    finally:
-        await forwarder.aclose()
+    fed = config.federation
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(forwarder.aclose)
+        client = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=hs.url, timeout=timeout)
+        )
+        store = await open_store(
+            config.store.backend,
+            sqlite_path=str(config.store.sqlite_path),
+            postgres_dsn=config.store.postgres_dsn or None,
+        )
+        stack.push_async_callback(store.aclose)
+        federation = FederationClient.create(
+            request_timeout=fed.request_timeout,
+            ip_range_blacklist=[str(n) for n in fed.ip_range_blacklist],
+            ip_range_whitelist=[str(n) for n in fed.ip_range_whitelist],
+            federation_certificate_verification_whitelist=list(
+                fed.federation_certificate_verification_whitelist
+            ),
+        )
+        stack.push_async_callback(federation.aclose)
+        keyring = Keyring(
+            store=store,
+            client=federation,
+            trusted_key_servers=[
+                TrustedKeyServer(t.server_name, dict(t.verify_keys))
+                for t in fed.trusted_key_servers
+            ],
+            clock_ms=now_ms,
+        )
+        services = Services(
+            config=config,
+            metrics=metrics,
+            forwarder=forwarder,
+            homeserver=client,
+            store=store,
+            federation=federation,
+            keyring=keyring,
+        )
+        if config.server.signing_key_path is not None:
+            services.homeserver_signing_key = load_homeserver_signing_key(
+                config.server.signing_key_path
+            )
+            files = prepare_notary_files(config.notary.state_dir)
+            name = config.notary.server_name or notary_name or "localhost"
+            services.notary = Notary(
+                key=NotaryKey.load_or_create(files.key_path, name),
+                delegation=DelegationKeys(
+                    load_or_create_secret(files.secret_path),
+                    lifetime_ms=int(config.notary.delegation_key_lifetime * 1000),
+                ),
+                vouches=StoreVouchRecords(store),
+                remote_keys=keyring,
+                homeserver_name=config.server.server_name,
+                clock_ms=now_ms,
+            )
+        yield services

@@ -37,6 +37,7 @@ from gateway.app import ListenerSockets, Listening, bind_sockets, serve
 from gateway.config import GatewayConfig
 from gateway.logging import configure_logging, get_logger
 from gateway.metrics import MULTIPROC_ENV
+from gateway.notary import prepare_notary_files
 
 __all__ = ["run"]
 
@@ -52,6 +53,10 @@ def run(config: GatewayConfig) -> int:
     """Serves until SIGINT/SIGTERM. Returns the process exit status."""
     configure_logging(config.log.format, config.log.level)
     try:
+        if config.server.signing_key_path is not None:
+            # Made once here, so every worker reads the same notary key, secret and
+            # certificate instead of racing to create its own.
+            prepare_notary_files(config.notary.state_dir)
         if config.public.workers == 1:
             trio.run(_serve_single, config)
             return 0

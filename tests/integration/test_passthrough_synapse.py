@@ -159,6 +159,6 @@ def test_admin_api_is_not_exposed_through_the_gateway(
 
 def test_stack_answers_on_the_internal_listener(stack: Stack) -> None:
     started = time.monotonic()
-    health = httpx.get(f"{stack.internal_url}/health", timeout=10)
+    health = httpx.get(f"{stack.internal_url}/health", timeout=10, verify=False)
     assert health.status_code == 200, health.text
     assert time.monotonic() - started < 5

@@ -1,0 +1,405 @@
+"""Invites: the v3 endpoint ("inviting with authorization") translated to the v2 invite.
+
+A remote server sends ``PUT /_matrix/federation/v3/invite/{roomId}`` (or the unstable
+``/_matrix/federation/unstable/org.matrix.msc0000/invite/{roomId}``) with ``event``,
+``invite_room_state`` and ``state``, where ``state`` holds full PDUs and at least the
+room's ``m.room.create``. The homeserver only speaks v2, so the gateway checks what the
+proposal asks of the receiving server, then hands the homeserver a v2 invite signed as the
+origin with a delegation key its notary vouches for (DESIGN.md, trust model).
+
+What the receiving server must check, in the order done here:
+
+1. The request is signed by the origin (X-Matrix) and addressed to us.
+2. ``state`` holds exactly one ``m.room.create``, with ``state_key`` "".
+3. The room version comes from that create event (none means "1"); versions whose events
+   carry their own IDs (1 and 2) are refused: the v3 endpoint computes the event ID.
+4. The create event belongs to the room of the path: its ``room_id`` (v3 to v11) or the
+   room ID computed from its reference hash (v12 and later).
+5. The create event is correctly hashed and signed by its sender's server.
+6. The invite is an ``m.room.member`` invite in that room, for one of our users, sent by a
+   user of the origin, correctly hashed and signed by the origin.
+7. Other events in ``state`` are kept only when they are valid PDUs of the room whose
+   ``auth_events`` are all among what was verified; the rest is ignored.
+
+``invite_room_state`` is never trusted: its ``m.room.create`` is replaced by the verified
+one, and state events verified from ``state`` replace their stripped versions.
+
+v1 and v2 invites keep passing through unchanged; they are counted (v1 is deprecated).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import quote
+
+from nacl.signing import SigningKey, VerifyKey
+
+from gateway.errors import Codes, MatrixError
+from gateway.features.auth import authenticate_request
+from gateway.http import Request, Response, Router
+from gateway.matrix.events import check_content_hash, compute_event_id, compute_room_id
+from gateway.matrix.identifiers import InvalidIdentifier, parse_user_id
+from gateway.matrix.room_versions import (
+    ROOM_VERSIONS,
+    EventIdFormat,
+    RoomVersion,
+)
+from gateway.matrix.signing import ServerKey, SignatureError, required_signers, verify_event
+from gateway.matrix.xmatrix import sign_request
+from gateway.services import Services, now_ms
+
+V3_INVITE = "/_matrix/federation/v3/invite/{roomId}"
+UNSTABLE_INVITE = "/_matrix/federation/unstable/org.matrix.msc0000/invite/{roomId}"
+V2_INVITE = "/_matrix/federation/v2/invite/{roomId}/{eventId}"
+V1_INVITE = "/_matrix/federation/v1/invite/{roomId}/{eventId}"
+
+
+def _invalid(message: str) -> MatrixError:
+    return MatrixError(400, Codes.INVALID_PARAM, message)
+
+
+def _bad_json(message: str) -> MatrixError:
+    return MatrixError(400, Codes.BAD_JSON, message)
+
+
+@dataclass
+class ValidatedInvite:
+    """A v3 invite that passed every check, ready to be translated."""
+
+    origin: str
+    room_id: str
+    room_version: RoomVersion
+    event: dict[str, Any]
+    event_id: str
+    create_event: dict[str, Any]
+    #: state events from ``state`` whose auth chain was verified from what was sent
+    verified_state: list[dict[str, Any]] = field(default_factory=list)
+    invite_room_state: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def creator_servers(self) -> list[str]:
+        """Servers of the room's creators, from the verified create event."""
+        creators = [self.create_event.get("sender")]
+        content = self.create_event.get("content")
+        if self.room_version.authorization.additional_creators and isinstance(content, dict):
+            extra = content.get("additional_creators")
+            if isinstance(extra, list):
+                creators.extend(extra)
+        servers = []
+        for user in creators:
+            if isinstance(user, str) and ":" in user:
+                servers.append(user.split(":", 1)[1])
+        return list(dict.fromkeys(servers))
+
+
+async def _fetch_keys(
+    services: Services, event: dict[str, Any], version: RoomVersion
+) -> dict[tuple[str, str], ServerKey]:
+    """The verify keys for every signature an event must carry, fetched by the keyring.
+
+    From room v5 a key must have been valid when the event was sent; a key that cannot be
+    had is left out, so the signature check names what is missing.
+    """
+    keyring = services.require_keyring()
+    try:
+        servers = required_signers(event, version)
+    except SignatureError as e:
+        raise _invalid(f"cannot tell who must sign the event: {e}") from None
+    minimum = 0
+    ts = event.get("origin_server_ts")
+    if version.enforce_key_validity and isinstance(ts, int) and not isinstance(ts, bool):
+        minimum = ts
+    signatures = event.get("signatures")
+    keys: dict[tuple[str, str], ServerKey] = {}
+    for server in servers:
+        by_key = signatures.get(server) if isinstance(signatures, dict) else None
+        if not isinstance(by_key, dict):
+            continue
+        for key_id in by_key:
+            if not isinstance(key_id, str) or not key_id.startswith("ed25519:"):
+                continue
+            try:
+                found = await keyring.get_verify_key(server, key_id, minimum_valid_until_ts=minimum)
+            except MatrixError:
+                continue
+            keys[(server, key_id)] = ServerKey(
+                cast(VerifyKey, found.verify_key), found.valid_until_ts
+            )
+    return keys
+
+
+async def _check_pdu(
+    services: Services, event: dict[str, Any], version: RoomVersion, what: str
+) -> None:
+    """Hashes and signatures of a received PDU; any failure is 400 M_INVALID_PARAM."""
+    if not check_content_hash(event):
+        raise _invalid(f"the {what} fails its content hash check")
+    keys = await _fetch_keys(services, event, version)
+    try:
+        verify_event(event, version, keys, now_ms=now_ms())
+    except SignatureError as e:
+        raise _invalid(f"the {what} fails its signature check: {e}") from None
+
+
+def _find_create_event(state: list[Any]) -> dict[str, Any]:
+    creates = [e for e in state if isinstance(e, dict) and e.get("type") == "m.room.create"]
+    if not creates:
+        raise _invalid("state must contain the room's m.room.create event")
+    if len(creates) > 1:
+        raise _invalid(
+            f"state must contain exactly one m.room.create event, it contains {len(creates)}"
+        )
+    create = creates[0]
+    if create.get("state_key") != "":
+        raise _invalid('the m.room.create event in state must have an empty state_key ("")')
+    return create
+
+
+def _room_version_of(create: dict[str, Any]) -> RoomVersion:
+    content = create.get("content")
+    if not isinstance(content, dict):
+        raise _invalid("the m.room.create event has no content")
+    version_id = content.get("room_version", "1")
+    if not isinstance(version_id, str):
+        raise _invalid("the m.room.create event's room_version must be a string")
+    version = ROOM_VERSIONS.get(version_id)
+    if version is None:
+        raise MatrixError(
+            400,
+            Codes.INCOMPATIBLE_ROOM_VERSION,
+            f"room version {version_id!r} is not supported here",
+            extra={"room_version": version_id},
+        )
+    if version.event_id_format is EventIdFormat.DOMAIN:
+        raise MatrixError(
+            400,
+            Codes.INCOMPATIBLE_ROOM_VERSION,
+            f"the v3 invite endpoint needs room version 3 or later (the event ID is computed "
+            f"from the event); room version {version_id} invites use the v2 endpoint",
+            extra={"room_version": version_id},
+        )
+    return version
+
+
+def _create_room_id(create: dict[str, Any], version: RoomVersion) -> str:
+    if version.room_id_from_create_event:
+        try:
+            return compute_room_id(create, version)
+        except ValueError as e:
+            raise _invalid(
+                f"cannot compute the room ID from the m.room.create event: {e}"
+            ) from None
+    room_id = create.get("room_id")
+    if not isinstance(room_id, str):
+        raise _invalid("the m.room.create event has no room_id")
+    return room_id
+
+
+def _user_server(user_id: Any, what: str) -> str:
+    if not isinstance(user_id, str):
+        raise _invalid(f"the invite's {what} must be a user ID")
+    try:
+        return str(parse_user_id(user_id).server_name)
+    except InvalidIdentifier as e:
+        raise _invalid(f"the invite's {what} is not a valid user ID: {e}") from None
+
+
+def _check_invite_event(
+    event: dict[str, Any], *, room_id: str, origin: str, our_server: str
+) -> None:
+    if event.get("type") != "m.room.member":
+        raise _invalid("the invite event must be of type m.room.member")
+    content = event.get("content")
+    if not isinstance(content, dict) or content.get("membership") != "invite":
+        raise _invalid("the invite event's membership must be 'invite'")
+    if event.get("room_id") != room_id:
+        raise _invalid("the invite event is for another room than the request path names")
+    if _user_server(event.get("sender"), "sender") != origin:
+        raise _invalid(
+            f"the invite's sender {event.get('sender')!r} is not a user of the origin server "
+            f"{origin!r}"
+        )
+    if _user_server(event.get("state_key"), "state_key (invitee)") != our_server:
+        raise _invalid(
+            f"the invitee {event.get('state_key')!r} is not a user of this server ({our_server})"
+        )
+
+
+async def _verified_state(
+    services: Services,
+    state: list[Any],
+    create: dict[str, Any],
+    create_id: str,
+    room_id: str,
+    version: RoomVersion,
+) -> list[dict[str, Any]]:
+    """Events of ``state`` whose whole auth chain is among what was sent and verified."""
+    verified: dict[str, dict[str, Any]] = {create_id: create}
+    candidates: dict[str, dict[str, Any]] = {}
+    for event in state:
+        if event is create or not isinstance(event, dict):
+            continue
+        if event.get("room_id") != room_id or not isinstance(event.get("state_key"), str):
+            continue
+        if not isinstance(event.get("type"), str):
+            continue
+        try:
+            event_id = compute_event_id(event, version)
+        except ValueError:
+            continue
+        candidates[event_id] = event
+    progress = True
+    while progress and candidates:
+        progress = False
+        for event_id, event in list(candidates.items()):
+            auth = event.get("auth_events")
+            if not isinstance(auth, list) or not all(isinstance(a, str) for a in auth):
+                del candidates[event_id]
+                continue
+            needed = set(auth)
+            if version.room_id_from_create_event:
+                needed.discard(create_id)  # v12: the create event is implied
+            if not needed <= verified.keys():
+                continue
+            del candidates[event_id]
+            progress = True
+            try:
+                await _check_pdu(services, event, version, "state event")
+            except MatrixError:
+                continue
+            verified[event_id] = event
+    return [e for eid, e in verified.items() if eid != create_id]
+
+
+async def validate_v3_invite(request: Request) -> ValidatedInvite:
+    """Every check the proposal asks of the receiving server; raises a Matrix error."""
+    services = request.services
+    our_server = services.config.server.server_name
+    path_room_id = request.path_params["roomId"]
+    body = await request.json()
+    auth = await authenticate_request(request, body)
+    origin = auth.origin
+    if not isinstance(body, dict):
+        raise _bad_json("the request body must be a JSON object")
+    event = body.get("event")
+    if not isinstance(event, dict):
+        raise _bad_json("event must be an object (the invite PDU)")
+    state = body.get("state", [])
+    if not isinstance(state, list):
+        raise _bad_json("state must be a list of PDUs")
+    sent_room_state = body.get("invite_room_state", [])
+    if not isinstance(sent_room_state, list):
+        raise _bad_json("invite_room_state must be a list")
+
+    create = _find_create_event(state)
+    version = _room_version_of(create)
+    create_room_id = _create_room_id(create, version)
+    if create_room_id != path_room_id:
+        if version.room_id_from_create_event:
+            raise _invalid(
+                f"the room ID {path_room_id!r} does not match the m.room.create event's hash "
+                f"({create_room_id!r})"
+            )
+        raise _invalid(f"the m.room.create event in state is for another room ({create_room_id!r})")
+    _check_invite_event(event, room_id=path_room_id, origin=origin, our_server=our_server)
+    await _check_pdu(services, create, version, "m.room.create event")
+    await _check_pdu(services, event, version, "invite event")
+    event_id = compute_event_id(event, version)
+    create_id = compute_event_id(create, version)
+    verified_state = await _verified_state(
+        services, state, create, create_id, path_room_id, version
+    )
+
+    replaced = {("m.room.create", "")} | {(e["type"], e["state_key"]) for e in verified_state}
+    room_state = [
+        e
+        for e in sent_room_state
+        if isinstance(e, dict) and (e.get("type"), e.get("state_key")) not in replaced
+    ]
+    room_state = [create, *verified_state, *room_state]
+    return ValidatedInvite(
+        origin=origin,
+        room_id=path_room_id,
+        room_version=version,
+        event=event,
+        event_id=event_id,
+        create_event=create,
+        verified_state=verified_state,
+        invite_room_state=room_state,
+    )
+
+
+async def deliver_as_v2(request: Request, invite: ValidatedInvite) -> Response:
+    """Sends the invite to the homeserver as a v2 invite signed as the origin."""
+    services = request.services
+    notary = services.notary
+    if notary is None:
+        raise MatrixError(
+            500, Codes.UNKNOWN, "v3 invites are not set up on this server (no notary)"
+        )
+    our_server = services.config.server.server_name
+    key = await notary.vouch_for(invite.origin)
+    target = (
+        f"/_matrix/federation/v2/invite/{quote(invite.room_id, safe='')}"
+        f"/{quote(invite.event_id, safe='')}"
+    )
+    content = {
+        "room_version": invite.room_version.identifier,
+        "event": invite.event,
+        "invite_room_state": invite.invite_room_state,
+    }
+    authorization = sign_request(
+        "PUT",
+        target,
+        invite.origin,
+        our_server,
+        content,
+        cast(SigningKey, key.signing_key),
+        key_id=key.key_id,
+    )
+    body = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+    headers = [
+        (b"host", our_server.encode("idna") if our_server.isascii() else our_server.encode()),
+        (b"authorization", authorization.encode("latin-1")),
+        (b"content-type", b"application/json"),
+    ]
+    answer = await services.forwarder.forward(
+        request, method="PUT", target=target.encode(), headers=headers, body=body
+    )
+    request.log.info(
+        "invite.v3.delivered",
+        origin=invite.origin,
+        room_id=invite.room_id,
+        event_id=invite.event_id,
+        room_version=invite.room_version.identifier,
+        homeserver_status=answer.status,
+    )
+    return answer
+
+
+async def on_v3_invite(request: Request) -> Response:
+    try:
+        invite = await validate_v3_invite(request)
+    except MatrixError as e:
+        request.services.metrics.v3_invites.labels(outcome="refused").inc()
+        request.log.info("invite.v3.refused", errcode=e.errcode, reason=e.message)
+        raise
+    request.services.metrics.v3_invites.labels(outcome="delivered").inc()
+    return await deliver_as_v2(request, invite)
+
+
+def _counted_passthrough(version: str) -> Any:
+    async def handler(request: Request) -> Response:
+        request.services.metrics.legacy_invites.labels(version=version).inc()
+        return await request.forward()
+
+    return handler
+
+
+def install(router: Router, services: Services) -> None:
+    router.add("PUT", V3_INVITE, on_v3_invite, name="invite_v3")
+    router.add("PUT", UNSTABLE_INVITE, on_v3_invite, name="invite_v3_unstable")
+    router.add("PUT", V2_INVITE, _counted_passthrough("v2"), name="invite_v2")
+    router.add("PUT", V1_INVITE, _counted_passthrough("v1"), name="invite_v1")

@@ -1,0 +1,84 @@
+"""The notary's endpoints on the internal listener.
+
+Only our homeserver may ask: requests must carry an X-Matrix signature by the homeserver's
+own key (the gateway holds a copy), addressed to the notary's name.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+from urllib.parse import unquote
+
+from nacl.signing import SigningKey, VerifyKey
+from signedjson.key import get_verify_key
+
+from gateway.errors import Codes, MatrixError
+from gateway.features.auth import KeySource, authenticate_request
+from gateway.http import Request, Response, Router
+from gateway.matrix.signing import key_id_of
+from gateway.notary.service import Notary, parse_query_body
+from gateway.services import Services
+
+
+def _homeserver_key_source(services: Services) -> KeySource:
+    signing_key = services.homeserver_signing_key
+    assert signing_key is not None
+    our_key_id = key_id_of(cast(SigningKey, signing_key))
+    verify_key = cast(VerifyKey, get_verify_key(signing_key))
+    our_name = services.config.server.server_name
+
+    async def lookup(origin: str, key_id: str, minimum: int) -> VerifyKey:
+        if origin != our_name:
+            raise MatrixError(
+                401, Codes.UNAUTHORIZED, "this notary answers only its own homeserver"
+            )
+        if key_id != our_key_id:
+            raise MatrixError(401, Codes.UNAUTHORIZED, f"unknown key {key_id} of {origin}")
+        return verify_key
+
+    return lookup
+
+
+def _notary(request: Request) -> Notary:
+    notary = request.services.notary
+    if notary is None:
+        raise MatrixError(404, Codes.UNRECOGNIZED, "Unrecognized request")
+    return notary
+
+
+async def _authenticate(request: Request, content: object | None) -> None:
+    notary = _notary(request)
+    await authenticate_request(
+        request,
+        content,
+        destination=notary.key.server_name,
+        keys=_homeserver_key_source(request.services),
+    )
+
+
+async def on_query_post(request: Request) -> Response:
+    body = await request.json()
+    await _authenticate(request, body)
+    wanted = parse_query_body(body)
+    answer = await _notary(request).query(wanted)
+    request.log.info("notary.query", servers=list(wanted), entries=len(answer["server_keys"]))
+    return Response.json(answer)
+
+
+async def on_query_get(request: Request) -> Response:
+    await _authenticate(request, None)
+    server_name = unquote(request.path_params["serverName"])
+    minimum: int | None = None
+    values = request.query().get("minimum_valid_until_ts")
+    if values and values[0].isdigit():
+        minimum = int(values[0])
+    answer = await _notary(request).query({server_name: minimum})
+    request.log.info("notary.query", servers=[server_name], entries=len(answer["server_keys"]))
+    return Response.json(answer)
+
+
+def install(router: Router, services: Services) -> None:
+    if services.notary is None:
+        return
+    router.add("POST", "/_matrix/key/v2/query", on_query_post, name="notary_query")
+    router.add("GET", "/_matrix/key/v2/query/{serverName}", on_query_get, name="notary_query")
