@@ -127,6 +127,14 @@ async def _check_homeserver(config: GatewayConfig) -> int:
         return EXIT_HOMESERVER
     name, version = server.get("name", "?"), server.get("version", "?")
     print(f"homeserver {hs.url}: ok ({name} {version})")
+    if config.server.signing_key_path is not None:
+        from gateway.notary.probe import check_homeserver_uses_notary
+
+        ok, detail = await check_homeserver_uses_notary(config)
+        if not ok:
+            print(f"notary: {detail}", file=sys.stderr)
+            return EXIT_HOMESERVER
+        print(f"notary: ok ({detail})")
     return EXIT_OK
 
 
