@@ -102,7 +102,9 @@ def test_demo_runs_both_and_stops_both_on_sigint(tmp_path: Path) -> None:
         version = httpx.get(f"{info['gateway_url']}/_matrix/federation/v1/version", timeout=30)
         assert version.status_code == 200, version.text
         assert version.json()["server"]["name"] == "Synapse"
-        assert httpx.get(f"{info['internal_url']}/health", timeout=30, verify=False).status_code == 200
+        assert (
+            httpx.get(f"{info['internal_url']}/health", timeout=30, verify=False).status_code == 200
+        )
         user = register_user(
             info["homeserver_url"], info["registration_shared_secret"], "demo", "demo-password"
         )

@@ -1,0 +1,797 @@
+"""Restricted joins (MSC3083; room versions 8 and later) checked at the edge.
+
+A room whose join rule is ``restricted`` (or ``knock_restricted`` from room version 10) lets
+a user join without an invite when the user is a member of one of the rooms its
+``m.room.join_rules`` ``allow`` list names. The resident server decides, names one of its
+own joined users who could have invited the user in the join's
+``content.join_authorised_via_users_server``, and signs the join event as well.
+
+The gateway checks all of that on the way through:
+
+``GET /_matrix/federation/v1/make_join/{roomId}/{userId}``
+    the origin is authenticated and owns the user; the homeserver builds the template; for
+    a restricted room the gateway decides as MSC3083 says, and checks or fills in the
+    authorising user, and remembers what it handed out.
+
+``PUT /_matrix/federation/v1|v2/send_join/{roomId}/{eventId}``
+    the event is verified (event ID, content hash, the joining server's signature, its
+    sender belongs to the origin); an authorising user must be ours, joined and able to
+    invite; the answer carries the join event with our server's signature.
+
+The decision itself (:func:`decide_join`) is pure: it reaches room state only through a
+:class:`RoomStateReader`, so every branch is testable without a homeserver.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+from nacl.signing import SigningKey
+
+from gateway.errors import Codes, MatrixError
+from gateway.homeserver.state import HomeserverStateReader, RoomState
+from gateway.http import Request, Response, Router
+from gateway.matrix.events import check_content_hash, compute_event_id, redact
+from gateway.matrix.identifiers import InvalidIdentifier, parse_user_id
+from gateway.matrix.room_versions import RoomVersion, UnknownRoomVersion, get_room_version
+from gateway.matrix.signing import SignatureError, sign_event, verify_json
+from gateway.matrix.xmatrix import (
+    DestinationMismatch,
+    MalformedXMatrix,
+    parse_x_matrix,
+    verify_request,
+)
+from gateway.policy.api import JoinContext, JoinStage
+from gateway.store import Store
+
+if TYPE_CHECKING:
+    from gateway.services import Services
+
+__all__ = [
+    "AUTHORISING_USER",
+    "JoinDecision",
+    "JoinPolicy",
+    "JoinServices",
+    "MakeJoinRecord",
+    "RoomStateReader",
+    "VerifyKeySource",
+    "allowed_room_ids",
+    "can_invite",
+    "complete_send_join_answer",
+    "decide_join",
+    "install",
+    "join_services",
+    "power_level_of",
+    "register",
+    "users_who_can_invite",
+    "verify_join_event",
+]
+
+log = structlog.get_logger(__name__)
+
+AUTHORISING_USER = "join_authorised_via_users_server"
+#: The key Synapse used for the signed join event before MSC3083 was stable.
+UNSTABLE_EVENT_KEY = "org.matrix.msc3083.v2.event"
+#: The store namespace of make_join records (kv entries with expiry).
+MAKE_JOIN_NAMESPACE = "make_join"
+#: How long a make_join record is kept for its send_join.
+MAKE_JOIN_RECORD_LIFETIME_MS = 15 * 60 * 1000
+
+
+# --- the state the decision needs ---------------------------------------------------------
+
+
+class RoomStateReader(Protocol):
+    """Room state as the resident homeserver knows it."""
+
+    async def room_state(
+        self, room_id: str, *, at_event_ids: Sequence[str] = ()
+    ) -> RoomState | None:
+        """The state after one of ``at_event_ids`` (default: after the room's newest event);
+        None when the homeserver is not in the room."""
+        ...
+
+
+# --- power levels -------------------------------------------------------------------------
+
+_STRING_INT = re.compile(r"\s*[+-]?[0-9]+\s*")
+
+
+def _level(value: object, version: RoomVersion) -> int | None:
+    """A power level as the room version reads it: integers; before v10 also strings that
+    hold an integer (v10 "Values in m.room.power_levels events must be integers")."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if (
+        not version.integer_only_power_levels
+        and isinstance(value, str)
+        and _STRING_INT.fullmatch(value)
+    ):
+        return int(value)
+    return None
+
+
+def _creators(state: RoomState, version: RoomVersion) -> set[str]:
+    create = state.get("m.room.create")
+    if create is None:
+        return set()
+    sender = create.get("sender")
+    content = state.content("m.room.create")
+    creators: set[str] = set()
+    if version.authorization.creator_is_sender:
+        if isinstance(sender, str):
+            creators.add(sender)
+    elif isinstance(content.get("creator"), str):
+        creators.add(content["creator"])
+    if version.authorization.additional_creators:
+        extra = content.get("additional_creators")
+        if isinstance(extra, list):
+            creators.update(u for u in extra if isinstance(u, str))
+    return creators
+
+
+#: v12 "creators have infinite power level".
+INFINITE_POWER = float("inf")
+
+
+def power_level_of(state: RoomState, user_id: str, version: RoomVersion) -> float:
+    """The user's power level (spec: "Authorization rules", power levels).
+
+    Without an ``m.room.power_levels`` event the room creator has 100 and everyone else 0;
+    from v12 the creators' power is infinite whatever the event says.
+    """
+    if version.authorization.additional_creators and user_id in _creators(state, version):
+        return INFINITE_POWER
+    if state.get("m.room.power_levels") is None:
+        return 100 if user_id in _creators(state, version) else 0
+    content = state.content("m.room.power_levels")
+    users = content.get("users")
+    if isinstance(users, Mapping) and user_id in users:
+        level = _level(users[user_id], version)
+        if level is not None:
+            return level
+    default = _level(content.get("users_default", 0), version)
+    return default if default is not None else 0
+
+
+def invite_level(state: RoomState, version: RoomVersion) -> int:
+    """``invite`` in ``m.room.power_levels``; 0 when missing (spec default)."""
+    level = _level(state.content("m.room.power_levels").get("invite", 0), version)
+    return level if level is not None else 0
+
+
+def can_invite(state: RoomState, user_id: str, version: RoomVersion) -> bool:
+    """Joined, with a power level at least the invite level."""
+    return state.membership(user_id) == "join" and power_level_of(
+        state, user_id, version
+    ) >= invite_level(state, version)
+
+
+def users_who_can_invite(state: RoomState, server_name: str, version: RoomVersion) -> list[str]:
+    """Local joined users who could invite, most powerful first (then by user ID)."""
+    local = [u for u in state.members("join") if _server_of(u) == server_name]
+    able = [u for u in local if can_invite(state, u, version)]
+    return sorted(able, key=lambda u: (-power_level_of(state, u, version), u))
+
+
+# --- the decision -------------------------------------------------------------------------
+
+
+def allowed_room_ids(join_rules_content: Mapping[str, Any]) -> list[str]:
+    """Room IDs of the ``allow`` entries that count: ``{"type": "m.room_membership",
+    "room_id": "<string>"}``. Entries of any other shape are ignored; a missing or empty
+    list allows nobody."""
+    allow = join_rules_content.get("allow")
+    if not isinstance(allow, list):
+        return []
+    rooms: list[str] = []
+    for entry in allow:
+        if (
+            isinstance(entry, Mapping)
+            and entry.get("type") == "m.room_membership"
+            and isinstance(entry.get("room_id"), str)
+            and entry["room_id"] not in rooms
+        ):
+            rooms.append(entry["room_id"])
+    return rooms
+
+
+@dataclass(frozen=True)
+class JoinDecision:
+    """The outcome of :func:`decide_join` for a join that may go ahead."""
+
+    room_version: str
+    join_rule: str | None
+    #: True when the allow rules decided (the user was neither joined nor invited).
+    restricted: bool
+    #: Local users who may authorise the join, best first (empty unless ``restricted``).
+    authorising_users: tuple[str, ...] = ()
+    #: The allowed room the user is a member of.
+    allowed_via: str | None = None
+
+    @property
+    def is_restricted_room(self) -> bool:
+        return self.join_rule in ("restricted", "knock_restricted")
+
+
+def restricted_rule_applies(join_rule: str | None, version: RoomVersion) -> bool:
+    """Whether the room version gives ``join_rule`` MSC3083's meaning."""
+    if join_rule == "restricted":
+        return version.restricted_join
+    if join_rule == "knock_restricted":
+        return version.knock_restricted
+    return False
+
+
+async def decide_join(
+    reader: RoomStateReader,
+    room_id: str,
+    user_id: str,
+    *,
+    server_name: str,
+    at_event_ids: Sequence[str] = (),
+) -> JoinDecision:
+    """Decides a remote user's join as MSC3083's resident server does.
+
+    Raises :class:`MatrixError`: 404 ``M_NOT_FOUND`` when the homeserver is not in the room;
+    403 ``M_FORBIDDEN`` when the user is banned or is in none of the allowed rooms the
+    homeserver knows; 400 ``M_UNABLE_TO_AUTHORISE_JOIN`` when the homeserver is not in
+    some allowed rooms and knows the user in none of the others; 400
+    ``M_UNABLE_TO_GRANT_JOIN`` when no local user could invite.
+    """
+    state = await reader.room_state(room_id, at_event_ids=at_event_ids)
+    if state is None:
+        raise MatrixError(404, Codes.NOT_FOUND, "Unknown room")
+    try:
+        version = get_room_version(state.room_version)
+    except UnknownRoomVersion:
+        raise MatrixError(
+            400, Codes.UNSUPPORTED_ROOM_VERSION, f"Unknown room version {state.room_version!r}"
+        ) from None
+    join_rule = state.content("m.room.join_rules").get("join_rule")
+    join_rule = join_rule if isinstance(join_rule, str) else None
+    plain = JoinDecision(version.identifier, join_rule, restricted=False)
+    if not restricted_rule_applies(join_rule, version):
+        return plain
+    membership = state.membership(user_id)
+    if membership == "ban":
+        raise MatrixError(403, Codes.FORBIDDEN, "The user is banned from the room")
+    # Auth rules: a user already joined or invited joins as in an invite-only room.
+    if membership in ("join", "invite"):
+        return plain
+
+    allowed_via: str | None = None
+    unknown_rooms = 0
+    for allowed in allowed_room_ids(state.content("m.room.join_rules")):
+        allowed_state = await reader.room_state(allowed)
+        if allowed_state is None:
+            unknown_rooms += 1
+        elif allowed_state.membership(user_id) == "join":
+            allowed_via = allowed
+            break
+    if allowed_via is None:
+        if unknown_rooms:
+            raise MatrixError(
+                400,
+                Codes.UNABLE_TO_AUTHORISE_JOIN,
+                "This server is not in the rooms that would allow the join; try another server",
+            )
+        raise MatrixError(
+            403, Codes.FORBIDDEN, "The user is not a member of any room that allows the join"
+        )
+    authorisers = users_who_can_invite(state, server_name, version)
+    if not authorisers:
+        raise MatrixError(
+            400, Codes.UNABLE_TO_GRANT_JOIN, "No user on this server can authorise the join"
+        )
+    return JoinDecision(
+        version.identifier,
+        join_rule,
+        restricted=True,
+        authorising_users=tuple(authorisers),
+        allowed_via=allowed_via,
+    )
+
+
+# --- verifying the join event -------------------------------------------------------------
+
+
+class VerifyKeySource(Protocol):
+    """``gateway.federation.Keyring``, as far as this module uses it. The answer has a
+    ``verify_key`` attribute."""
+
+    async def get_verify_key(
+        self, server_name: str, key_id: str, *, minimum_valid_until_ts: int
+    ) -> Any: ...
+
+
+def _server_of(user_id: object) -> str | None:
+    if not isinstance(user_id, str):
+        return None
+    try:
+        return parse_user_id(user_id).server_name
+    except InvalidIdentifier:
+        return None
+
+
+async def verify_join_event(
+    event: Any,
+    *,
+    room_id: str,
+    event_id: str,
+    origin: str,
+    version: RoomVersion,
+    keys: VerifyKeySource,
+) -> dict[str, Any]:
+    """Checks a join event sent to send_join; returns it. Raises :class:`MatrixError`.
+
+    Server-server "Validating hashes and signatures on received events": the joining
+    server's signature over the redacted event, with a key valid at ``origin_server_ts``
+    from v5; the content hash; and the send_join rules: the event ID is the path's, the
+    event is a join of its own sender, and the sender belongs to the origin.
+    """
+    if not isinstance(event, dict):
+        raise MatrixError(400, Codes.BAD_JSON, "The join event must be a JSON object")
+    if event.get("room_id") != room_id:
+        raise MatrixError(400, Codes.BAD_JSON, "The event's room_id is not the path's")
+    try:
+        actual_id = compute_event_id(event, version)
+    except ValueError:
+        raise MatrixError(400, Codes.BAD_JSON, "The event has no usable event ID") from None
+    if actual_id != event_id:
+        raise MatrixError(400, Codes.BAD_JSON, "The event ID does not match the event")
+    content = event.get("content")
+    sender = event.get("sender")
+    if (
+        event.get("type") != "m.room.member"
+        or not isinstance(content, dict)
+        or content.get("membership") != "join"
+        or event.get("state_key") != sender
+    ):
+        raise MatrixError(400, Codes.BAD_JSON, "Not a join event of its own sender")
+    if _server_of(sender) != origin:
+        raise MatrixError(403, Codes.FORBIDDEN, "The joining user does not belong to the origin")
+    if not check_content_hash(event):
+        raise MatrixError(400, Codes.BAD_JSON, "The event's content hash does not match")
+
+    signatures = event.get("signatures")
+    by_origin = signatures.get(origin) if isinstance(signatures, dict) else None
+    if not isinstance(by_origin, dict):
+        raise MatrixError(403, Codes.FORBIDDEN, "The join is not signed by the joining server")
+    ts = event.get("origin_server_ts")
+    minimum = ts if version.enforce_key_validity and type(ts) is int else 0
+    redacted = redact(event, version)
+    verified = False
+    for key_id in by_origin:
+        if not isinstance(key_id, str) or not key_id.startswith("ed25519:"):
+            continue
+        try:
+            key = await keys.get_verify_key(origin, key_id, minimum_valid_until_ts=minimum)
+        except MatrixError:
+            continue
+        try:
+            verify_json(redacted, origin, key_id, key.verify_key)
+        except SignatureError:
+            raise MatrixError(
+                403, Codes.FORBIDDEN, "The joining server's signature does not verify"
+            ) from None
+        verified = True
+    if not verified:
+        raise MatrixError(
+            403, Codes.FORBIDDEN, "The join is not signed with a known key of the joining server"
+        )
+    return event
+
+
+def _is_signed_by(event: Mapping[str, Any], server_name: str, signing_key: SigningKey) -> bool:
+    key_id = f"{getattr(signing_key, 'alg', 'ed25519')}:{getattr(signing_key, 'version', '')}"
+    signatures = event.get("signatures")
+    ours = signatures.get(server_name) if isinstance(signatures, dict) else None
+    return isinstance(ours, dict) and key_id in ours
+
+
+def complete_send_join_answer(
+    answer: dict[str, Any],
+    sent_event: Mapping[str, Any],
+    *,
+    event_id: str,
+    version: RoomVersion,
+    server_name: str,
+    signing_key: SigningKey,
+) -> dict[str, Any]:
+    """The send_join answer with the join event in ``event``, signed by our server.
+
+    A homeserver that still uses the unstable key has it moved to ``event``. When the join
+    names a local authorising user and the homeserver did not sign (a homeserver without
+    restricted joins), the event is signed with the homeserver's key. An ``event`` that is not
+    the join that was sent is an error (502).
+    """
+    answer = dict(answer)
+    event = answer.get("event")
+    unstable = answer.pop(UNSTABLE_EVENT_KEY, None)
+    if not isinstance(event, dict):
+        event = unstable if isinstance(unstable, dict) else None
+    content = sent_event.get("content")
+    authoriser = content.get(AUTHORISING_USER) if isinstance(content, Mapping) else None
+    if event is None:
+        if authoriser is None:
+            return answer
+        event = dict(sent_event)
+    try:
+        same = compute_event_id(event, version) == event_id
+    except ValueError:
+        same = False
+    if not same:
+        raise MatrixError(502, Codes.UNKNOWN, "The homeserver answered with a different event")
+    if _server_of(authoriser) == server_name and not _is_signed_by(event, server_name, signing_key):
+        event = sign_event(event, version, server_name, signing_key)
+    answer["event"] = event
+    return answer
+
+
+# --- the services the handlers use --------------------------------------------------------
+
+#: The policy engine's way in (``services.extra["join_policy"]``): called at make_join
+#: (before the homeserver sees the request) and at send_join (before it is forwarded);
+#: raises :class:`MatrixError` to refuse.
+JoinPolicy = Callable[[JoinContext], Awaitable[None]]
+
+
+@dataclass
+class JoinServices:
+    """What the join handlers need besides the request."""
+
+    server_name: str
+    keys: VerifyKeySource
+    store: Store
+    #: The homeserver's signing key (a copy): signs joins the homeserver did not.
+    signing_key: SigningKey
+    state: RoomStateReader
+    clock_ms: Callable[[], int] = lambda: int(time.time() * 1000)
+    record_lifetime_ms: int = MAKE_JOIN_RECORD_LIFETIME_MS
+
+
+def join_services(services: Services) -> JoinServices:
+    """The handlers' :class:`JoinServices`, made once per ``Services`` and kept in
+    ``services.extra["joins"]`` (tests may put their own there first).
+
+    Needs ``services.keyring``, ``services.store``, ``services.homeserver_signing_key``
+    (``server.signing_key_path``) and ``services.homeserver``.
+    """
+    existing = services.extra.get("joins")
+    if isinstance(existing, JoinServices):
+        return existing
+    signing_key: Any = services.homeserver_signing_key
+    if services.keyring is None or services.store is None or signing_key is None:
+        log.error("joins need the keyring, the store and the homeserver's signing key")
+        raise MatrixError(500, Codes.UNKNOWN, "Internal server error")
+    if not isinstance(signing_key, SigningKey):  # signedjson's keys are nacl keys
+        raise MatrixError(500, Codes.UNKNOWN, "The homeserver signing key is not ed25519")
+    server_name = services.config.server.server_name
+    made = JoinServices(
+        server_name=server_name,
+        keys=services.keyring,
+        store=services.store,
+        signing_key=signing_key,
+        state=HomeserverStateReader(
+            services.homeserver, server_name=server_name, signing_key=signing_key
+        ),
+    )
+    services.extra["joins"] = made
+    return made
+
+
+async def _ask_policy(
+    request: Request,
+    stage: JoinStage,
+    *,
+    origin: str,
+    user_id: str,
+    room_id: str,
+    room_version: str,
+    join_rule: str | None,
+) -> None:
+    policy: JoinPolicy | None = request.services.extra.get("join_policy")
+    if policy is None:
+        return
+    await policy(
+        JoinContext(
+            user=user_id,
+            origin=origin,
+            room_id=room_id,
+            room_version=room_version,
+            join_rule=join_rule,
+            is_restricted=join_rule in ("restricted", "knock_restricted"),
+            stage=stage,
+            request_id=request.request_id,
+        )
+    )
+
+
+# --- authentication -----------------------------------------------------------------------
+
+
+async def authenticate_origin(
+    request: Request, keys: VerifyKeySource, server_name: str, content: Any | None, now_ms: int
+) -> str:
+    """The origin of a request signed with X-Matrix for our server (401 otherwise)."""
+    header = next(
+        (v for v in _all_headers(request, "authorization") if v.startswith("X-Matrix")), None
+    )
+    if header is None:
+        raise MatrixError(401, Codes.UNAUTHORIZED, "Missing X-Matrix authorization")
+    try:
+        auth = parse_x_matrix(header)
+    except MalformedXMatrix:
+        raise MatrixError(401, Codes.UNAUTHORIZED, "Malformed X-Matrix authorization") from None
+    if auth.destination is not None and auth.destination != server_name:
+        raise MatrixError(401, Codes.UNAUTHORIZED, "The request is for another server")
+    key = await keys.get_verify_key(auth.origin, auth.key_id, minimum_valid_until_ts=now_ms)
+    try:
+        verify_request(
+            auth,
+            method=request.method,
+            uri=request.target.decode("latin-1"),
+            destination=server_name,
+            content=content,
+            verify_key=key.verify_key,
+        )
+    except (SignatureError, DestinationMismatch):
+        raise MatrixError(401, Codes.UNAUTHORIZED, "Invalid X-Matrix signature") from None
+    return auth.origin
+
+
+def _all_headers(request: Request, name: str) -> list[str]:
+    key = name.encode("latin-1")
+    return [v.decode("latin-1") for k, v in request.headers if k == key]
+
+
+# --- make_join ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MakeJoinRecord:
+    """What make_join handed out, kept for the matching send_join."""
+
+    origin: str
+    room_version: str
+    authorising_user: str | None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "origin": self.origin,
+                "room_version": self.room_version,
+                "authorising_user": self.authorising_user,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> MakeJoinRecord | None:
+        try:
+            data = json.loads(text)
+            return cls(data["origin"], data["room_version"], data["authorising_user"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+def _record_key(room_id: str, user_id: str) -> str:
+    return json.dumps([room_id, user_id])
+
+
+def _json_body(response: Response) -> Any:
+    try:
+        return json.loads(response.body)
+    except ValueError:
+        raise MatrixError(502, Codes.UNKNOWN, "The homeserver's answer was not JSON") from None
+
+
+async def on_make_join(request: Request) -> Response:
+    deps = join_services(request.services)
+    room_id = request.path_params["roomId"]
+    user_id = request.path_params["userId"]
+    origin = await authenticate_origin(request, deps.keys, deps.server_name, None, deps.clock_ms())
+    if _server_of(user_id) != origin:
+        raise MatrixError(403, Codes.FORBIDDEN, "The user does not belong to the origin")
+    policy_wanted = request.services.extra.get("join_policy") is not None
+    if policy_wanted:
+        state = await deps.state.room_state(room_id)
+        join_rule = state.content("m.room.join_rules").get("join_rule") if state else None
+        await _ask_policy(
+            request,
+            "make_join",
+            origin=origin,
+            user_id=user_id,
+            room_id=room_id,
+            room_version=state.room_version if state else "",
+            join_rule=join_rule if isinstance(join_rule, str) else None,
+        )
+
+    # The original request, unchanged: the origin's signature stays valid.
+    response = await request.forward()
+    if response.status != 200:
+        return response
+    answer = _json_body(response)
+    template = answer.get("event") if isinstance(answer, dict) else None
+    if not isinstance(template, dict) or not isinstance(template.get("content"), dict):
+        raise MatrixError(502, Codes.UNKNOWN, "The homeserver's make_join template was unusable")
+    try:
+        version = get_room_version(str(answer.get("room_version", "1")))
+    except UnknownRoomVersion:
+        return response
+    if not (version.restricted_join or version.knock_restricted):
+        return response
+    prev_events = template.get("prev_events")
+    at = [e for e in prev_events if isinstance(e, str)] if isinstance(prev_events, list) else []
+    decision = await decide_join(
+        deps.state, room_id, user_id, server_name=deps.server_name, at_event_ids=at[:1]
+    )
+    if not decision.restricted:
+        return response
+
+    content: dict[str, Any] = template["content"]
+    named = content.get(AUTHORISING_USER)
+    if named not in decision.authorising_users:
+        if named is not None:
+            request.log.warning(
+                "homeserver named an authorising user who cannot invite; replaced",
+                room_id=room_id,
+                named=named,
+            )
+        content[AUTHORISING_USER] = decision.authorising_users[0]
+        response = Response.json(answer)
+    await deps.store.kv_set(
+        MAKE_JOIN_NAMESPACE,
+        _record_key(room_id, user_id),
+        MakeJoinRecord(origin, version.identifier, content[AUTHORISING_USER]).to_json(),
+        expires_ts=deps.clock_ms() + deps.record_lifetime_ms,
+    )
+    request.log.info(
+        "restricted join prepared",
+        room_id=room_id,
+        user_id=user_id,
+        allowed_via=decision.allowed_via,
+        authorising_user=content[AUTHORISING_USER],
+    )
+    return response
+
+
+# --- send_join ----------------------------------------------------------------------------
+
+
+async def _send_join(request: Request, *, v1: bool) -> Response:
+    deps = join_services(request.services)
+    room_id = request.path_params["roomId"]
+    event_id = request.path_params["eventId"]
+    event = await request.json()
+    now = deps.clock_ms()
+    origin = await authenticate_origin(request, deps.keys, deps.server_name, event, now)
+
+    sender = event.get("sender") if isinstance(event, dict) else None
+    record: MakeJoinRecord | None = None
+    if isinstance(sender, str):
+        stored = await deps.store.kv_get(
+            MAKE_JOIN_NAMESPACE, _record_key(room_id, sender), now_ts=now
+        )
+        record = MakeJoinRecord.from_json(stored) if stored is not None else None
+    prev_events = event.get("prev_events") if isinstance(event, dict) else None
+    at = [e for e in prev_events if isinstance(e, str)][:1] if isinstance(prev_events, list) else []
+    state: RoomState | None = None
+    if record is not None and record.origin == origin:
+        room_version = record.room_version
+    else:
+        state = await deps.state.room_state(room_id, at_event_ids=at)
+        if state is None:
+            raise MatrixError(404, Codes.NOT_FOUND, "Unknown room")
+        room_version = state.room_version
+    try:
+        version = get_room_version(room_version)
+    except UnknownRoomVersion:
+        raise MatrixError(
+            400, Codes.UNSUPPORTED_ROOM_VERSION, f"Unknown room version {room_version!r}"
+        ) from None
+    event = await verify_join_event(
+        event, room_id=room_id, event_id=event_id, origin=origin, version=version, keys=deps.keys
+    )
+
+    authoriser = event["content"].get(AUTHORISING_USER)
+    if authoriser is not None:
+        if not version.restricted_join:
+            raise MatrixError(
+                400, Codes.BAD_JSON, f"{AUTHORISING_USER} is not used in this room version"
+            )
+        if _server_of(authoriser) != deps.server_name:
+            raise MatrixError(
+                400,
+                Codes.UNABLE_TO_AUTHORISE_JOIN,
+                "The join was prepared by another server: make_join and send_join must go "
+                "to the same resident server",
+            )
+        if state is None:
+            state = await deps.state.room_state(room_id, at_event_ids=at)
+        if state is None:
+            raise MatrixError(404, Codes.NOT_FOUND, "Unknown room")
+        if not can_invite(state, authoriser, version):
+            raise MatrixError(
+                400, Codes.UNABLE_TO_GRANT_JOIN, "The authorising user cannot invite to the room"
+            )
+    if request.services.extra.get("join_policy") is not None:
+        if state is None:
+            state = await deps.state.room_state(room_id, at_event_ids=at)
+        join_rule = state.content("m.room.join_rules").get("join_rule") if state else None
+        await _ask_policy(
+            request,
+            "send_join",
+            origin=origin,
+            user_id=event["sender"],
+            room_id=room_id,
+            room_version=version.identifier,
+            join_rule=join_rule if isinstance(join_rule, str) else None,
+        )
+
+    response = await request.forward()
+    if response.status != 200:
+        return response
+    answer = _json_body(response)
+    if v1:
+        if not (isinstance(answer, list) and len(answer) == 2 and isinstance(answer[1], dict)):
+            raise MatrixError(502, Codes.UNKNOWN, "The homeserver's send_join answer was unusable")
+        body = answer[1]
+    elif isinstance(answer, dict):
+        body = answer
+    else:
+        raise MatrixError(502, Codes.UNKNOWN, "The homeserver's send_join answer was unusable")
+    completed = complete_send_join_answer(
+        body,
+        event,
+        event_id=event_id,
+        version=version,
+        server_name=deps.server_name,
+        signing_key=deps.signing_key,
+    )
+    if completed == body:
+        return response
+    return Response.json([answer[0], completed] if v1 else completed)
+
+
+async def on_send_join_v1(request: Request) -> Response:
+    return await _send_join(request, v1=True)
+
+
+async def on_send_join_v2(request: Request) -> Response:
+    return await _send_join(request, v1=False)
+
+
+def install(router: Router, services: Services) -> None:
+    """The route installer for ``gateway.app.PUBLIC_ROUTES``."""
+    register(router)
+
+
+def register(router: Router) -> None:
+    """Adds make_join and send_join (v1, v2) to ``router``."""
+    router.add(
+        "GET",
+        "/_matrix/federation/v1/make_join/{roomId}/{userId}",
+        on_make_join,
+        name="make_join",
+    )
+    router.add(
+        "PUT",
+        "/_matrix/federation/v1/send_join/{roomId}/{eventId}",
+        on_send_join_v1,
+        name="send_join_v1",
+    )
+    router.add(
+        "PUT",
+        "/_matrix/federation/v2/send_join/{roomId}/{eventId}",
+        on_send_join_v2,
+        name="send_join_v2",
+    )
