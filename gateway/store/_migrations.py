@@ -55,6 +55,70 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX kv_expires_ts ON kv (expires_ts)",
         ),
     ),
+    Migration(
+        version=2,
+        description="policy decisions audit log; policy rate-limit token buckets",
+        statements=(
+            """
+            CREATE TABLE policy_audit (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                ts BIGINT NOT NULL,
+                point TEXT NOT NULL,
+                origin TEXT NOT NULL,
+                room_id TEXT NOT NULL,
+                sender TEXT NOT NULL,
+                target TEXT,
+                policy TEXT NOT NULL,
+                decision TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                errcode TEXT,
+                status INTEGER,
+                request_id TEXT NOT NULL,
+                mode TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX policy_audit_ts ON policy_audit (ts)",
+            """
+            CREATE TABLE policy_rate_limits (
+                bucket TEXT PRIMARY KEY,
+                tokens DOUBLE PRECISION NOT NULL,
+                updated_ts BIGINT NOT NULL,
+                full_ts BIGINT NOT NULL
+            )
+            """,
+            "CREATE INDEX policy_rate_limits_full_ts ON policy_rate_limits (full_ts)",
+        ),
+        postgres_statements=(
+            """
+            CREATE TABLE policy_audit (
+                id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                ts BIGINT NOT NULL,
+                point TEXT NOT NULL,
+                origin TEXT NOT NULL,
+                room_id TEXT NOT NULL,
+                sender TEXT NOT NULL,
+                target TEXT,
+                policy TEXT NOT NULL,
+                decision TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                errcode TEXT,
+                status INTEGER,
+                request_id TEXT NOT NULL,
+                mode TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX policy_audit_ts ON policy_audit (ts)",
+            """
+            CREATE TABLE policy_rate_limits (
+                bucket TEXT PRIMARY KEY,
+                tokens DOUBLE PRECISION NOT NULL,
+                updated_ts BIGINT NOT NULL,
+                full_ts BIGINT NOT NULL
+            )
+            """,
+            "CREATE INDEX policy_rate_limits_full_ts ON policy_rate_limits (full_ts)",
+        ),
+    ),
 )
 
 

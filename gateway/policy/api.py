@@ -1,0 +1,463 @@
+"""The policy API: everything a policy module needs, and nothing else.
+
+A policy is a Python module with one or more hooks, plain ``async def`` functions that look at
+a request the gateway has already authenticated and validated, and return a decision::
+
+    from gateway.policy.api import InviteContext, Decision, allow, deny
+
+    async def on_invite(ctx: InviteContext, options: dict) -> Decision:
+        if ctx.origin.endswith(".example"):
+            return deny("invites from .example are not accepted here")
+        return allow()
+
+Hooks (all optional, at least one must exist):
+
+* ``async def on_invite(ctx: InviteContext, options) -> Decision``: v1, v2 and v3 invites.
+* ``async def on_join(ctx: JoinContext, options) -> Decision``: make_join and send_join.
+* ``async def on_knock(ctx: KnockContext, options) -> Decision``: make_knock and send_knock.
+* ``def validate_options(options: Mapping[str, Any]) -> Any``: called once when the policy
+  is loaded (start, reload, ``gateway check``) with the ``options`` table of its
+  configuration entry. Raise :class:`OptionsError` naming the bad key; whatever it returns is
+  passed to the hooks as ``options`` (so parse and compile there, once). Without it the hooks
+  get the options table as a plain dict.
+
+Decisions: :func:`allow`, :func:`deny` (an error answered to the peer, 403 ``M_FORBIDDEN``
+unless the policy says otherwise) and :func:`drop` (invites only: the peer gets the normal
+answer, signed by our server, and the homeserver never sees the invite).
+
+Contexts hold facts the gateway has verified. What it could not verify is marked in the
+field's name or by a flag next to it: ``stripped_state_untrusted`` is what the inviting server
+sent and may be a lie; ``creator_servers`` is only as good as ``create_event_verified``.
+
+Helpers come through ``ctx.tools``: the time (:meth:`PolicyTools.now_ms`) and token buckets
+shared by every worker (:meth:`PolicyTools.rate_limit`). Use them instead of the system clock
+and module-level state so tests control time and replicas agree.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeAlias
+
+__all__ = [
+    "Allow",
+    "Decision",
+    "Deny",
+    "Drop",
+    "Endpoint",
+    "GlobSet",
+    "InviteContext",
+    "JoinContext",
+    "JoinStage",
+    "KnockContext",
+    "KnockStage",
+    "MemoryTools",
+    "OptionsError",
+    "PolicyTools",
+    "RateLimitResult",
+    "allow",
+    "claimed_creator_servers",
+    "creator_servers_of",
+    "deny",
+    "drop",
+    "is_ip_literal",
+    "server_of",
+]
+
+Endpoint = Literal["v1", "v2", "v3"]
+JoinStage = Literal["make_join", "send_join"]
+KnockStage = Literal["make_knock", "send_knock"]
+
+# --- decisions ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    """Let the request through (to the next policy in the chain, then to the homeserver)."""
+
+    kind: Literal["allow"] = "allow"
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    """Refuse the request: the peer gets ``status`` with a Matrix error ``errcode``/``reason``.
+
+    ``reason`` is shown to the remote server (and usually its user): say what the rule is,
+    not how it was found out.
+    """
+
+    reason: str
+    errcode: str = "M_FORBIDDEN"
+    status: int = 403
+    #: For rate limits: sent to the peer as ``retry_after_ms``.
+    retry_after_ms: int | None = None
+    kind: Literal["deny"] = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """Invites only: answer the peer as if the invite was accepted, never tell the homeserver.
+
+    ``reason`` is for the audit log and the operator; the peer never sees it.
+    """
+
+    reason: str
+    kind: Literal["drop"] = "drop"
+
+
+Decision: TypeAlias = Allow | Deny | Drop
+
+_ALLOW = Allow()
+
+
+def allow() -> Allow:
+    """Let the request through."""
+    return _ALLOW
+
+
+def deny(
+    reason: str,
+    errcode: str = "M_FORBIDDEN",
+    status: int = 403,
+    *,
+    retry_after_ms: int | None = None,
+) -> Deny:
+    """Refuse with a Matrix error, e.g. ``deny("no invites from example.org")`` (403
+    ``M_FORBIDDEN``) or ``deny("slow down", "M_LIMIT_EXCEEDED", 429, retry_after_ms=500)``."""
+    if not 400 <= status <= 599:
+        raise ValueError(f"deny status must be an HTTP error status (400-599), got {status}")
+    return Deny(reason=reason, errcode=errcode, status=status, retry_after_ms=retry_after_ms)
+
+
+def drop(reason: str) -> Drop:
+    """Silently drop an invite (for invites only; a join or knock hook returning this is
+    treated as a failing policy)."""
+    return Drop(reason=reason)
+
+
+# --- options ------------------------------------------------------------------------------
+
+
+class OptionsError(ValueError):
+    """Raised by ``validate_options``: ``key`` is the option's path inside ``options``
+    (e.g. ``"per_origin.capacity"``), or None when the table as a whole is wrong."""
+
+    def __init__(self, key: str | None, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
+
+
+# --- tools --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitResult:
+    allowed: bool
+    #: Tokens left after this request (fractional: buckets refill continuously).
+    remaining: float
+    #: When refused: how long until ``cost`` tokens are available again.
+    retry_after_ms: int
+
+
+class PolicyTools(Protocol):
+    """Helpers the gateway lends a policy. Bucket names are private to each configured
+    policy entry, so two entries of the same module never share buckets."""
+
+    def now_ms(self) -> int:
+        """The current time in milliseconds since the epoch."""
+        ...
+
+    async def rate_limit(
+        self, bucket: str, *, capacity: float, per_second: float, cost: float = 1.0
+    ) -> RateLimitResult:
+        """Take ``cost`` tokens from the token bucket ``bucket`` (created full, holding at most
+        ``capacity`` tokens, refilled at ``per_second``). Atomic across workers and replicas
+        when the gateway runs on a shared store."""
+        ...
+
+
+class MemoryTools:
+    """Tools that keep buckets in this object, for tests and ``gateway policy test``.
+
+    ``clock`` returns seconds since the epoch (default: the system clock).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, int]] = {}
+
+    def now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    async def rate_limit(
+        self, bucket: str, *, capacity: float, per_second: float, cost: float = 1.0
+    ) -> RateLimitResult:
+        now = self.now_ms()
+        tokens, updated = self._buckets.get(bucket, (capacity, now))
+        result, tokens = take_tokens(
+            tokens, updated, now, capacity=capacity, per_second=per_second, cost=cost
+        )
+        self._buckets[bucket] = (tokens, now)
+        return result
+
+
+def take_tokens(
+    tokens: float,
+    updated_ms: int,
+    now_ms: int,
+    *,
+    capacity: float,
+    per_second: float,
+    cost: float,
+) -> tuple[RateLimitResult, float]:
+    """Token bucket arithmetic: refill since ``updated_ms``, then try to take ``cost``.
+
+    Returns the result and the bucket's new token count. Not part of the policy surface;
+    shared by the bucket implementations.
+    """
+    elapsed = max(0, now_ms - updated_ms) / 1000
+    tokens = min(capacity, tokens + elapsed * per_second)
+    if tokens >= cost:
+        tokens -= cost
+        return RateLimitResult(True, tokens, 0), tokens
+    missing = cost - tokens
+    wait_ms = int(missing / per_second * 1000) + 1 if per_second > 0 else 2**31
+    return RateLimitResult(False, tokens, wait_ms), tokens
+
+
+def _default_tools() -> PolicyTools:
+    return MemoryTools()
+
+
+# --- contexts -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InviteContext:
+    """An invite for a user on our homeserver (``PUT /_matrix/federation/v1|v2/invite``, or
+    the v3 invite that carries the room's create event).
+
+    Verified: ``origin`` authenticated the request (X-Matrix) and signed ``event``;
+    ``event`` is a well-formed ``m.room.member`` invite for ``invitee`` sent by ``inviter``,
+    whose server is ``origin``. ``room_version`` is known to the gateway.
+
+    Example::
+
+        async def on_invite(ctx: InviteContext, options: Any) -> Decision:
+            if ctx.create_event_verified and "evil.example" in ctx.creator_servers:
+                return drop("room created by evil.example")
+            return allow()
+    """
+
+    #: The invite event as received (``m.room.member``, membership ``invite``).
+    event: Mapping[str, Any]
+    #: The sender of the invite, a user of ``origin``.
+    inviter: str
+    #: Our user being invited (the event's ``state_key``).
+    invitee: str
+    #: The server that sent the request (authenticated).
+    origin: str
+    room_id: str
+    room_version: str
+    #: The room's create event, checked against the room ID (v3 invites), else None.
+    create_event: Mapping[str, Any] | None
+    #: True when ``create_event`` was verified, and so ``creator_servers`` is reliable.
+    create_event_verified: bool
+    #: Servers of the room's creators: the create event's sender and, from room version 12,
+    #: ``content.additional_creators``. Unless ``create_event_verified`` this was derived
+    #: from what the inviting server claimed (stripped state, room ID) and may be false.
+    creator_servers: tuple[str, ...]
+    #: The stripped state sent with the invite, as sent: UNTRUSTED, the inviting server can
+    #: put anything here (room name, join rules, a fake create event).
+    stripped_state_untrusted: tuple[Mapping[str, Any], ...] = ()
+    #: Which federation invite API carried the request.
+    endpoint: Endpoint = "v2"
+    #: The gateway's request id, for logs and the audit trail.
+    request_id: str = ""
+    tools: PolicyTools = field(default_factory=_default_tools, compare=False, repr=False)
+
+    @property
+    def inviter_server(self) -> str:
+        return server_of(self.inviter)
+
+    @property
+    def invitee_server(self) -> str:
+        return server_of(self.invitee)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JoinContext:
+    """A remote user joining a room through our homeserver (``make_join`` first, then
+    ``send_join`` with the signed event).
+
+    Verified: ``origin`` authenticated the request and ``user`` belongs to it; ``join_rule``
+    and ``is_restricted`` come from the room's current state on our homeserver.
+    """
+
+    user: str
+    origin: str
+    room_id: str
+    room_version: str
+    #: The room's ``m.room.join_rules`` ``join_rule`` (``public``, ``invite``, ``restricted``,
+    #: ``knock``, ``knock_restricted``, ``private``), or None if the room has none.
+    join_rule: str | None
+    #: True for ``restricted`` and ``knock_restricted`` rooms.
+    is_restricted: bool
+    stage: JoinStage = "make_join"
+    request_id: str = ""
+    tools: PolicyTools = field(default_factory=_default_tools, compare=False, repr=False)
+
+    @property
+    def user_server(self) -> str:
+        return server_of(self.user)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KnockContext:
+    """A remote user knocking on a room through our homeserver (``make_knock`` /
+    ``send_knock``). Verified as for :class:`JoinContext`."""
+
+    user: str
+    origin: str
+    room_id: str
+    room_version: str
+    join_rule: str | None
+    stage: KnockStage = "make_knock"
+    request_id: str = ""
+    tools: PolicyTools = field(default_factory=_default_tools, compare=False, repr=False)
+
+    @property
+    def user_server(self) -> str:
+        return server_of(self.user)
+
+
+Context: TypeAlias = InviteContext | JoinContext | KnockContext
+
+InviteHook: TypeAlias = Callable[[InviteContext, Any], Awaitable[Decision]]
+JoinHook: TypeAlias = Callable[[JoinContext, Any], Awaitable[Decision]]
+KnockHook: TypeAlias = Callable[[KnockContext, Any], Awaitable[Decision]]
+
+# --- small helpers ------------------------------------------------------------------------
+
+
+def server_of(user_or_room_id: str) -> str:
+    """The server name of ``@user:server`` (or ``!room:server``, ``#alias:server``).
+
+    >>> server_of("@alice:example.org:8448")
+    'example.org:8448'
+    """
+    _, sep, server = user_or_room_id.partition(":")
+    return server if sep else ""
+
+
+def is_ip_literal(server_name: str) -> bool:
+    """True for ``1.2.3.4``, ``1.2.3.4:8448``, ``[::1]`` and ``[::1]:8448``."""
+    host = server_name
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host[1:]
+    else:
+        host = host.rpartition(":")[0] if host.count(":") == 1 else host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def creator_servers_of(create_event: Mapping[str, Any], room_version: str) -> tuple[str, ...]:
+    """The servers of a room's creators according to its create event.
+
+    The sender's server, and from room version 12 the servers of
+    ``content.additional_creators`` (entries that are not user IDs are ignored). Order is
+    preserved, duplicates removed.
+    """
+    users: list[str] = []
+    sender = create_event.get("sender")
+    if isinstance(sender, str):
+        users.append(sender)
+    if _has_additional_creators(room_version):
+        content = create_event.get("content")
+        extra = content.get("additional_creators") if isinstance(content, Mapping) else None
+        if isinstance(extra, list):
+            users.extend(u for u in extra if isinstance(u, str))
+    servers: dict[str, None] = {}
+    for user in users:
+        if user.startswith("@") and server_of(user):
+            servers[server_of(user)] = None
+    return tuple(servers)
+
+
+def claimed_creator_servers(
+    stripped_state: Iterable[Mapping[str, Any]], room_id: str, room_version: str
+) -> tuple[str, ...]:
+    """Creator servers as an invite without a verified create event claims them (for
+    ``InviteContext.creator_servers`` of v1/v2 invites, with ``create_event_verified=False``).
+
+    From the ``m.room.create`` event in the stripped state if there is one, else the server
+    name of a ``!opaque:server`` room ID (rooms before v12 are named by their creator's
+    server). Untrusted either way: the inviting server wrote both.
+    """
+    for event in stripped_state:
+        if event.get("type") == "m.room.create" and event.get("state_key") == "":
+            servers = creator_servers_of(event, room_version)
+            if servers:
+                return servers
+    server = server_of(room_id) if room_id.startswith("!") else ""
+    return (server,) if server else ()
+
+
+def _has_additional_creators(room_version: str) -> bool:
+    from gateway.matrix.room_versions import UnknownRoomVersion, get_room_version
+
+    try:
+        return get_room_version(room_version).authorization.additional_creators
+    except UnknownRoomVersion:
+        return False
+
+
+class GlobSet:
+    """Matrix-style globs (``*`` any run of characters, ``?`` exactly one), as used by
+    moderation policy lists and server ACLs. Case-sensitive, like server names.
+
+    >>> GlobSet(["*.evil.example", "spam?.org"]).match("a.evil.example")
+    '*.evil.example'
+    """
+
+    __slots__ = ("_exact", "_patterns", "_regex")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self._patterns: tuple[str, ...] = tuple(patterns)
+        self._exact = frozenset(p for p in self._patterns if "*" not in p and "?" not in p)
+        wild = [p for p in self._patterns if p not in self._exact]
+        self._regex = (
+            re.compile("|".join(f"(?:{_glob_to_regex(p)})" for p in wild), re.DOTALL)
+            if wild
+            else None
+        )
+
+    @property
+    def patterns(self) -> Sequence[str]:
+        return self._patterns
+
+    def __bool__(self) -> bool:
+        return bool(self._patterns)
+
+    def match(self, text: str) -> str | None:
+        """The first pattern that matches all of ``text``, or None."""
+        if text in self._exact:
+            return text
+        if self._regex is None or self._regex.fullmatch(text) is None:
+            return None
+        for pattern in self._patterns:
+            if re.fullmatch(_glob_to_regex(pattern), text, re.DOTALL):
+                return pattern
+        return None  # pragma: no cover - the combined expression matched one of them
+
+
+def _glob_to_regex(pattern: str) -> str:
+    return "".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in pattern)
