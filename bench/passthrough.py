@@ -1,0 +1,479 @@
+"""Passthrough cost: Synapse directly, through the gateway, and through nginx.
+
+    python bench/passthrough.py [--duration 10] [--connections 32] [--requests 3000]
+                                [--profile gateway.svg] [--keep]
+
+Starts, in one run on this machine, a real Synapse (SQLite, loopback) with the gateway in
+front (the demo's stack, one gateway worker), plus nginx as a plain reverse proxy to the
+same Synapse (one worker, kept-alive upstream connections). For a small federation GET
+(``/_matrix/federation/v1/version``) it measures, for each of the three:
+
+- throughput: ``wrk`` (one thread, a fixed number of keep-alive connections, a fixed
+  duration, after a short warm-up), requests per second;
+- latency: a sequential keep-alive client in its own process (raw sockets, one request at a
+  time), p50 and p99;
+- CPU per request: user + system CPU time the server processes spent during the wrk run,
+  divided by the requests served. On a shared two-core machine this is the steadier
+  measure of cost: the gateway's column is what it adds to Synapse's.
+
+and prints a table, the ratios gateway/direct and gateway/nginx, and the median latency the
+gateway adds. ``nginx`` and ``wrk`` come from Debian; when missing they are installed with
+``apt-get`` (this needs root). ``--profile`` records the gateway with ``py-spy`` during its
+throughput run (``pip install py-spy``). Every process started here is stopped at the end,
+also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gateway.demo import StackProcesses, prepare_stack
+from gateway.homeserver.synapse import ServiceProcess, free_port
+
+PATH = "/_matrix/federation/v1/version"
+WARMUP_SECONDS = 2.0
+
+
+# --- tools -------------------------------------------------------------------------------
+
+
+def ensure_debian_tool(command: str, package: str) -> str:
+    """The path of ``command``, installing Debian's ``package`` with apt-get if missing."""
+    found = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
+    if found:
+        return found
+    print(f"{command} is not installed: installing Debian's {package} with apt-get ...")
+    if os.geteuid() != 0:
+        sys.exit(f"{command} is missing and installing it needs root: apt-get install {package}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", package]
+    if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(install, env=env, stdout=subprocess.DEVNULL, check=True)
+    found = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
+    if not found:
+        sys.exit(f"installed {package} but {command} is still not on PATH")
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its children still running."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    children: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return children
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError):
+            for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+                children.append(int(child))
+                children.extend(_descendants(int(child)))
+    return children
+
+
+# --- nginx -------------------------------------------------------------------------------
+
+
+def nginx_process(nginx: str, directory: Path, port: int, upstream: str) -> ServiceProcess:
+    """nginx in the foreground (no daemon), its config, pid and logs in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    # Worker processes may drop to an unprivileged user; they must reach their temp dirs.
+    directory.chmod(0o755)
+    host_port = upstream.split("://", 1)[1].rstrip("/")
+    config = textwrap.dedent(
+        f"""\
+        daemon off;
+        master_process on;
+        worker_processes 1;
+        pid {directory}/nginx.pid;
+        error_log {directory}/error.log warn;
+        events {{ worker_connections 1024; }}
+        http {{
+            access_log {directory}/access.log;
+            client_body_temp_path {directory}/client_body;
+            proxy_temp_path {directory}/proxy;
+            fastcgi_temp_path {directory}/fastcgi;
+            uwsgi_temp_path {directory}/uwsgi;
+            scgi_temp_path {directory}/scgi;
+            upstream homeserver {{
+                server {host_port};
+                keepalive 64;
+            }}
+            server {{
+                listen 127.0.0.1:{port};
+                location / {{
+                    proxy_pass http://homeserver;
+                    proxy_http_version 1.1;
+                    proxy_set_header Connection "";
+                    proxy_set_header Host $host;
+                    proxy_set_header X-Forwarded-For $remote_addr;
+                    proxy_set_header X-Forwarded-Proto $scheme;
+                }}
+            }}
+        }}
+        """
+    )
+    config_path = directory / "nginx.conf"
+    config_path.write_text(config)
+    return ServiceProcess(
+        "nginx",
+        [nginx, "-p", str(directory), "-e", str(directory / "error.log"), "-c", str(config_path)],
+        ready_url=f"http://127.0.0.1:{port}{PATH}",
+        console_path=directory / "console.log",
+        log_paths=[directory / "error.log"],
+    )
+
+
+# --- load --------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float = 0.0
+    wrk_p50_ms: float = 0.0
+    wrk_p99_ms: float = 0.0
+    errors: int = 0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    cpu_us: float = 0.0  # server CPU per request, microseconds
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _wrk_time_ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not match:
+        return float("nan")
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def run_wrk(
+    wrk: str, url: str, connections: int, seconds: float
+) -> tuple[float, int, dict[str, float]]:
+    """(requests per second, errors, latency percentiles in ms) from one wrk run."""
+    argv = [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=True)
+    text = out.stdout
+    rps_match = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if not rps_match:
+        raise RuntimeError(f"cannot read wrk's output:\n{text}\n{out.stderr}")
+    errors = 0
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    if non_2xx:
+        errors += int(non_2xx[1])
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
+    )
+    if socket_errors:
+        errors += sum(int(x) for x in socket_errors.groups())
+    percentiles = {
+        m[1]: _wrk_time_ms(m[2]) for m in re.finditer(r"^\s+(\d+)%\s+(\S+)$", text, re.M)
+    }
+    return float(rps_match[1]), errors, percentiles
+
+
+def latency_client(host: str, port: int, path: str, count: int) -> list[float]:
+    """Seconds per request, one at a time over a kept-alive connection (opened again, outside
+    the timing, when the server ends it: servers cap requests per connection)."""
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: bench\r\n\r\n".encode()
+    sock = socket.socket()
+    buffer = b""
+
+    def connect() -> None:
+        nonlocal sock, buffer
+        sock.close()
+        sock = socket.create_connection((host, port), timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buffer = b""
+
+    def fill(need: int) -> None:
+        nonlocal buffer
+        while len(buffer) < need:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            buffer += chunk
+
+    def take(size: int) -> None:
+        nonlocal buffer
+        fill(size)
+        buffer = buffer[size:]
+
+    def line() -> bytes:
+        nonlocal buffer
+        while b"\r\n" not in buffer:
+            fill(len(buffer) + 1)
+        text, _, buffer = buffer.partition(b"\r\n")
+        return text
+
+    def exchange() -> bool:
+        """One request and its response; False when the server closes the connection."""
+        nonlocal buffer
+        sock.sendall(request)
+        while b"\r\n\r\n" not in buffer:
+            fill(len(buffer) + 1)
+        head, _, buffer = buffer.partition(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1]
+        if status != b"200":
+            raise RuntimeError(f"answer {status.decode()}: {head.decode('latin-1')}")
+        length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        if length is not None:
+            take(int(length[1]))
+        elif re.search(rb"(?im)^transfer-encoding:\s*chunked", head):
+            while True:
+                size = int(line().split(b";")[0], 16)
+                take(size)
+                line()
+                if size == 0:
+                    break
+        else:
+            raise RuntimeError("response without a length")
+        return re.search(rb"(?im)^connection:\s*close", head) is None
+
+    timings: list[float] = []
+    connect()
+    try:
+        for i in range(min(200, count) + count):  # the first ones warm up
+            start = time.perf_counter()
+            keep_alive = exchange()
+            if i >= min(200, count):
+                timings.append(time.perf_counter() - start)
+            if not keep_alive:
+                connect()
+    finally:
+        sock.close()
+    return timings
+
+
+def measure_latency(url: str, count: int) -> tuple[float, float]:
+    """(p50, p99) in ms from the sequential client, run as a separate process."""
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    argv = [sys.executable, __file__, "--latency-client", host, port, PATH, str(count)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"latency client failed:\n{out.stderr}")
+    timings = json.loads(out.stdout)
+    cuts = statistics.quantiles(timings, n=100, method="inclusive")
+    return cuts[49] * 1e3, cuts[98] * 1e3
+
+
+@contextlib.contextmanager
+def profiling(pid: int, output: Path | None, seconds: float) -> Iterator[None]:
+    if output is None:
+        yield
+        return
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        sys.exit("--profile needs py-spy: pip install py-spy")
+    argv = [
+        py_spy,
+        "record",
+        "--pid",
+        str(pid),
+        "--subprocesses",
+        "--nonblocking",
+        "--rate",
+        "200",
+        "--duration",
+        str(max(1, round(seconds))),
+        "--output",
+        str(output),
+    ]
+    if output.suffix == ".txt":
+        argv += ["--format", "raw"]
+    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)  # let py-spy attach
+        yield
+    finally:
+        try:
+            spy.wait(timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+
+
+def measure(
+    name: str,
+    url: str,
+    pids: Sequence[int],
+    *,
+    wrk: str,
+    connections: int,
+    seconds: float,
+    requests: int,
+    profile: Path | None = None,
+) -> Result:
+    result = Result(name)
+    target = f"{url}{PATH}"
+    run_wrk(wrk, target, connections, WARMUP_SECONDS)
+    before = sum(cpu_seconds(p) for p in pids)
+    with profiling(pids[-1], profile, seconds):
+        rps, errors, percentiles = run_wrk(wrk, target, connections, seconds)
+    used = sum(cpu_seconds(p) for p in pids) - before
+    result.rps, result.errors = rps, errors
+    result.wrk_p50_ms = percentiles.get("50", float("nan"))
+    result.wrk_p99_ms = percentiles.get("99", float("nan"))
+    result.cpu_us = used / (rps * max(1, round(seconds))) * 1e6 if rps else float("nan")
+    result.p50_ms, result.p99_ms = measure_latency(url, requests)
+    return result
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def report(results: list[Result], connections: int, seconds: float, requests: int) -> str:
+    direct, gateway, nginx = results
+    lines = [
+        f"GET {PATH}: wrk {connections} connections x {seconds:.0f} s; "
+        f"sequential client {requests} requests",
+        "",
+        f"{'':24}{'req/s':>9}{'wrk p50':>9}{'wrk p99':>9}{'seq p50':>9}{'seq p99':>9}"
+        f"{'CPU/req':>10}{'errors':>8}",
+        f"{'':24}{'':>9}{'ms':>9}{'ms':>9}{'ms':>9}{'ms':>9}{'us':>10}{'':>8}",
+    ]
+    for r in results:
+        lines.append(
+            f"{r.name:24}{r.rps:9.0f}{r.wrk_p50_ms:9.2f}{r.wrk_p99_ms:9.2f}"
+            f"{r.p50_ms:9.3f}{r.p99_ms:9.3f}{r.cpu_us:10.0f}{r.errors:8d}"
+        )
+    lines.append("")
+    lines.append("CPU/req counts the server processes of each row: Synapse for (a), Synapse plus")
+    lines.append("the proxy for (b) and (c).")
+    lines.append("")
+    for other in (direct, nginx):
+        lines.append(
+            f"gateway / {other.name.split(' ', 1)[1]:12} throughput {gateway.rps / other.rps:5.2f}"
+            f"   seq p50 {gateway.p50_ms / other.p50_ms:5.2f}   seq p99 "
+            f"{gateway.p99_ms / other.p99_ms:5.2f}   CPU/req {gateway.cpu_us / other.cpu_us:5.2f}"
+        )
+    lines.append("")
+    lines.append(
+        f"gateway adds {gateway.p50_ms - direct.p50_ms:.3f} ms at the median "
+        f"(nginx adds {nginx.p50_ms - direct.p50_ms:.3f} ms); "
+        f"its CPU per request is {(gateway.cpu_us - direct.cpu_us) / direct.cpu_us:.0%} of "
+        f"Synapse's (nginx: {(nginx.cpu_us - direct.cpu_us) / direct.cpu_us:.0%})"
+    )
+    return "\n".join(lines)
+
+
+# --- main --------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of wrk per target")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections")
+    parser.add_argument("--requests", type=int, default=3000, help="sequential requests")
+    parser.add_argument("--profile", type=Path, help="py-spy output for the gateway (.svg/.txt)")
+    parser.add_argument("--keep", action="store_true", help="keep the data directory and logs")
+    parser.add_argument("--latency-client", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.latency_client:
+        host, port, path, count = args.latency_client
+        print(json.dumps(latency_client(host, int(port), path, int(count))))
+        return 0
+
+    nginx = ensure_debian_tool("nginx", "nginx")
+    wrk = ensure_debian_tool("wrk", "wrk")
+
+    signal.signal(signal.SIGTERM, _raise_stop)
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-passthrough-"))
+    stack_processes: StackProcesses | None = None
+    nginx_proc: ServiceProcess | None = None
+    try:
+        print(f"starting Synapse, the gateway and nginx (data in {data_dir}) ...", flush=True)
+        stack = prepare_stack(data_dir / "stack", port=free_port(), log_format="json")
+        stack_processes = StackProcesses(stack)
+        nginx_port = free_port()
+        nginx_proc = nginx_process(nginx, data_dir / "nginx", nginx_port, stack.homeserver_url)
+        stack_processes.start()
+        nginx_proc.start()
+        nginx_proc.wait_until_ready(timeout=30)
+        synapse_pid = stack_processes.synapse.pid
+        gateway_pid = stack_processes.gateway.pid
+        nginx_pid = nginx_proc.pid
+        assert synapse_pid and gateway_pid and nginx_pid
+
+        common = {
+            "wrk": wrk,
+            "connections": args.connections,
+            "seconds": args.duration,
+            "requests": args.requests,
+        }
+        targets = [
+            ("(a) Synapse direct", stack.homeserver_url, [synapse_pid], None),
+            ("(b) gateway", stack.gateway_url, [synapse_pid, gateway_pid], args.profile),
+            ("(c) nginx", f"http://127.0.0.1:{nginx_port}", [synapse_pid, nginx_pid], None),
+        ]
+        results = []
+        for name, url, pids, profile in targets:
+            print(f"measuring {name} ...", flush=True)
+            results.append(measure(name, url, pids, profile=profile, **common))  # type: ignore[arg-type]
+        print()
+        print(report(results, args.connections, args.duration, args.requests))
+        if args.profile:
+            print(f"\ngateway profile: {args.profile}")
+        return 0
+    except (KeyboardInterrupt, _Stop):
+        print("\ninterrupted; stopping everything", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if nginx_proc is not None:
+                nginx_proc.stop()
+        finally:
+            if stack_processes is not None:
+                stack_processes.stop()
+            if args.keep:
+                print(f"logs kept in {data_dir}")
+            else:
+                shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
