@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from gateway.federation.address_guard import DEFAULT_IP_RANGE_BLACKLIST
+
 __all__ = [
     "BindAddress",
     "ConfigError",
@@ -132,33 +134,7 @@ class TrustedKeyServer:
 
 
 def _default_blacklist() -> tuple[IPNetwork, ...]:
-    return tuple(ipaddress.ip_network(n) for n in _DEFAULT_BLACKLIST)
-
-
-_DEFAULT_BLACKLIST = (
-    "127.0.0.0/8",
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "100.64.0.0/10",
-    "192.0.0.0/24",
-    "169.254.0.0/16",
-    "192.88.99.0/24",
-    "198.18.0.0/15",
-    "192.0.2.0/24",
-    "198.51.100.0/24",
-    "203.0.113.0/24",
-    "224.0.0.0/4",
-    "0.0.0.0/8",
-    "240.0.0.0/4",
-    "::1/128",
-    "fe80::/10",
-    "fc00::/7",
-    "2001:db8::/32",
-    "ff00::/8",
-    "fec0::/10",
-    "::/128",
-)
+    return tuple(ipaddress.ip_network(n) for n in DEFAULT_IP_RANGE_BLACKLIST)
 
 
 def _default_trusted_key_servers() -> tuple[TrustedKeyServer, ...]:

@@ -29,24 +29,19 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import structlog
-from nacl.signing import SigningKey
+from nacl.signing import SigningKey, VerifyKey
 
 from gateway.errors import Codes, MatrixError
+from gateway.features.auth import authenticate_request
 from gateway.homeserver.state import HomeserverStateReader, RoomState
 from gateway.http import Request, Response, Router
 from gateway.matrix.events import check_content_hash, compute_event_id, redact
 from gateway.matrix.identifiers import InvalidIdentifier, parse_user_id
 from gateway.matrix.room_versions import RoomVersion, UnknownRoomVersion, get_room_version
 from gateway.matrix.signing import SignatureError, sign_event, verify_json
-from gateway.matrix.xmatrix import (
-    DestinationMismatch,
-    MalformedXMatrix,
-    parse_x_matrix,
-    verify_request,
-)
 from gateway.policy.api import JoinContext, JoinStage
 from gateway.store import Store
 
@@ -523,35 +518,13 @@ async def authenticate_origin(
     request: Request, keys: VerifyKeySource, server_name: str, content: Any | None, now_ms: int
 ) -> str:
     """The origin of a request signed with X-Matrix for our server (401 otherwise)."""
-    header = next(
-        (v for v in _all_headers(request, "authorization") if v.startswith("X-Matrix")), None
-    )
-    if header is None:
-        raise MatrixError(401, Codes.UNAUTHORIZED, "Missing X-Matrix authorization")
-    try:
-        auth = parse_x_matrix(header)
-    except MalformedXMatrix:
-        raise MatrixError(401, Codes.UNAUTHORIZED, "Malformed X-Matrix authorization") from None
-    if auth.destination is not None and auth.destination != server_name:
-        raise MatrixError(401, Codes.UNAUTHORIZED, "The request is for another server")
-    key = await keys.get_verify_key(auth.origin, auth.key_id, minimum_valid_until_ts=now_ms)
-    try:
-        verify_request(
-            auth,
-            method=request.method,
-            uri=request.target.decode("latin-1"),
-            destination=server_name,
-            content=content,
-            verify_key=key.verify_key,
-        )
-    except (SignatureError, DestinationMismatch):
-        raise MatrixError(401, Codes.UNAUTHORIZED, "Invalid X-Matrix signature") from None
+
+    async def lookup(origin: str, key_id: str, minimum: int) -> VerifyKey:
+        found = await keys.get_verify_key(origin, key_id, minimum_valid_until_ts=now_ms)
+        return cast(VerifyKey, found.verify_key)
+
+    auth = await authenticate_request(request, content, destination=server_name, keys=lookup)
     return auth.origin
-
-
-def _all_headers(request: Request, name: str) -> list[str]:
-    key = name.encode("latin-1")
-    return [v.decode("latin-1") for k, v in request.headers if k == key]
 
 
 # --- make_join ----------------------------------------------------------------------------

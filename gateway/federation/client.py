@@ -12,12 +12,14 @@ import json
 import ssl
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import httpx
-import signedjson.sign
 import trio
+from nacl.signing import SigningKey as NaclSigningKey
 from signedjson.types import SigningKey
+
+from gateway.matrix.xmatrix import sign_request
 
 from ._http import DEFAULT_MAX_RESPONSE_SIZE, HttpResponse, OutboundHttp
 from .address_guard import DEFAULT_IP_RANGE_BLACKLIST, AddressGuard
@@ -56,19 +58,8 @@ def x_matrix_authorization(
     ``uri`` is the raw path and query exactly as sent. ``content`` is the parsed JSON body,
     or None when the request has none.
     """
-    request_json: dict[str, Any] = {
-        "method": method,
-        "uri": uri,
-        "origin": origin,
-        "destination": destination,
-    }
-    if content is not None:
-        request_json["content"] = content
-    signed = signedjson.sign.sign_json(request_json, origin, signing_key)
-    key_id = f"{signing_key.alg}:{signing_key.version}"
-    signature = signed["signatures"][origin][key_id]
-    return (
-        f'X-Matrix origin="{origin}",destination="{destination}",key="{key_id}",sig="{signature}"'
+    return sign_request(
+        method, uri, origin, destination, content, cast(NaclSigningKey, signing_key)
     )
 
 
