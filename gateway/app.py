@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -60,7 +61,7 @@ from gateway.logging import get_logger, loggable_query
 from gateway.metrics import CONTENT_TYPE_LATEST
 from gateway.notary import prepare_notary_files
 from gateway.notary import routes as notary_routes
-from gateway.services import Services, open_services
+from gateway.services import Services, open_services, reload_policies
 
 __all__ = [
     "InternalApp",
@@ -362,6 +363,17 @@ def hypercorn_config(
     return hc
 
 
+async def _reload_on_sighup(services: Services) -> None:
+    """SIGHUP re-reads the admission policies; a broken set leaves the old one running."""
+    with trio.open_signal_receiver(signal.SIGHUP) as received:
+        async for _ in received:
+            error = reload_policies(services)
+            if error is None:
+                _log.info("policies reloaded")
+            else:
+                _log.error("policies not reloaded; the previous set stays active", error=error)
+
+
 def internal_tls_files(config: GatewayConfig) -> tuple[Path, Path] | None:
     """Certificate and key for the internal listener, or None for plain HTTP.
 
@@ -382,6 +394,7 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
     public_routes: Sequence[RouteInstaller] = (),
     internal_routes: Sequence[RouteInstaller] = (),
+    reload_on_sighup: bool = False,
     task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Runs both listeners in this process until ``shutdown_trigger`` returns (graceful:
@@ -426,6 +439,14 @@ async def serve(
                 )
 
             async with trio.open_nursery() as nursery:
+                reloading = trio.CancelScope()
+                if reload_on_sighup:
+
+                    async def reload_until_stopped() -> None:
+                        with reloading:
+                            await _reload_on_sighup(services)
+
+                    nursery.start_soon(reload_until_stopped)
                 # Internal first: the homeserver stops asking a notary that failed to answer.
                 await nursery.start(
                     listener(
@@ -444,6 +465,7 @@ async def serve(
                 if shutdown_trigger is not None:
                     await shutdown_trigger()
                     stop.set()
+                    reloading.cancel()
     finally:
         if own_sockets:
             listeners.close()

@@ -92,6 +92,15 @@ def _check(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_CONFIG
+    if config.policies:
+        from gateway.policy import PolicyLoadError, load_policy_set
+
+        try:
+            load_policy_set(config.policies, generation=1)
+        except PolicyLoadError as e:
+            problems = "\n".join(f"  {p}" for p in e.problems)
+            print(f"invalid policies in {args.config}:\n{problems}", file=sys.stderr)
+            return EXIT_CONFIG
     print(f"configuration {args.config}: ok")
 
     import trio
@@ -136,6 +145,41 @@ async def _check_homeserver(config: GatewayConfig) -> int:
             return EXIT_HOMESERVER
         print(f"notary: ok ({detail})")
     return EXIT_OK
+
+
+def _decisions_arguments(parser: argparse.ArgumentParser) -> None:
+    from gateway.policy.cli import add_decisions_arguments
+
+    _config_argument(parser)
+    add_decisions_arguments(parser)
+
+
+def _decisions(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    from gateway.policy.cli import run_decisions
+
+    return run_decisions(args, config.store)
+
+
+def _policy_arguments(parser: argparse.ArgumentParser) -> None:
+    from gateway.policy.cli import add_policy_test_arguments
+
+    actions = parser.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
+    test = actions.add_parser(
+        "test",
+        help="run a policy on a recorded request and print its decision",
+        description="Run a policy on a recorded request (policies/fixtures/) and print its "
+        "decision.",
+    )
+    add_policy_test_arguments(test)
+
+
+def _policy(args: argparse.Namespace) -> int:
+    from gateway.policy.cli import run_policy_test
+
+    return run_policy_test(args)
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -183,6 +227,13 @@ COMMANDS: list[Command] = [
         _demo_arguments,
         _demo,
     ),
+    Command(
+        "decisions",
+        "list the admission decisions in the audit trail",
+        _decisions_arguments,
+        _decisions,
+    ),
+    Command("policy", "work with admission policies (policy test)", _policy_arguments, _policy),
     Command(
         "synapse-config",
         "print the homeserver.yaml settings that make Synapse use the gateway's notary",

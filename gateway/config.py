@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from gateway.federation.address_guard import DEFAULT_IP_RANGE_BLACKLIST
+from gateway.policy.loading import PolicyConfigError, PolicySpec, parse_policy_config
 
 __all__ = [
     "BindAddress",
@@ -114,6 +115,12 @@ class NotaryConfig:
 
 
 @dataclass(frozen=True)
+class PolicySettings:
+    #: write allow decisions to the audit trail too (denies and drops always are)
+    audit_allows: bool = False
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: LogFormat = "auto"
     level: LogLevel = "info"
@@ -166,6 +173,9 @@ class GatewayConfig:
     store: StoreConfig = StoreConfig()
     federation: FederationConfig = field(default_factory=FederationConfig)
     notary: NotaryConfig = NotaryConfig()
+    policy: PolicySettings = PolicySettings()
+    #: the admission policies (``[[policies]]``), in the order they run
+    policies: tuple[PolicySpec, ...] = ()
     #: the file this was loaded from (None when built in code)
     source: Path | None = None
 
@@ -205,8 +215,11 @@ def parse_config(
         "store",
         "federation",
         "notary",
+        "policy",
     }
     for name, value in data.items():
+        if name == "policies":
+            continue
         if name not in sections:
             r.problem(name, f"unknown section (known: {', '.join(sorted(sections))})")
         elif not isinstance(value, dict):
@@ -224,6 +237,12 @@ def parse_config(
     store = _store(r, table("store"))
     federation = _federation(r, table("federation"))
     notary = _notary(r, table("notary"), internal)
+    policy = _policy(r, table("policy"))
+    policies: list[PolicySpec] = []
+    try:
+        policies = parse_policy_config(data.get("policies"), base_dir=base_dir)
+    except PolicyConfigError as e:
+        r.problems.extend(e.problems)
     if r.problems:
         raise ConfigError(r.problems, source=source)
     assert server is not None
@@ -236,6 +255,8 @@ def parse_config(
         store=store,
         federation=federation,
         notary=notary,
+        policy=policy,
+        policies=tuple(policies),
         source=source,
     )
 
@@ -590,3 +611,9 @@ def _notary(r: _Reader, t: Mapping[str, Any], internal: InternalConfig) -> Notar
         state_dir=state_dir if state_dir is not None else r.base_dir / d.state_dir,
         delegation_key_lifetime=lifetime,
     )
+
+
+def _policy(r: _Reader, t: Mapping[str, Any]) -> PolicySettings:
+    d = PolicySettings()
+    r.check_keys("policy", t, {"audit_allows"})
+    return PolicySettings(audit_allows=r.get("policy", t, "audit_allows", d.audit_allows, _boolean))

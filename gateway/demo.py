@@ -118,6 +118,14 @@ def to_toml(document: Mapping[str, Mapping[str, Any]], header: str = "") -> str:
     """Write a document of tables as TOML (enough for the gateway's config format)."""
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     for name, table in document.items():
+        if isinstance(table, list | tuple):
+            # An array of tables ([[policies]]): nested values are written inline.
+            for entry in table:
+                if lines:
+                    lines.append("")
+                lines.append(f"[[{_toml_key(name)}]]")
+                lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in entry.items())
+            continue
         if lines:
             lines.append("")
         lines.extend(_toml_table(_toml_key(name), table))
@@ -168,6 +176,10 @@ class Stack:
 def _merge_user_config(config: dict[str, dict[str, Any]], user_config: Mapping[str, Any]) -> None:
     for section, table in user_config.items():
         if section in _DEMO_OWNED_SECTIONS:
+            continue
+        if section == "policies" and isinstance(table, list):
+            # Relative module paths keep meaning what they meant next to the user's file.
+            config[section] = list(table)  # type: ignore[assignment]
             continue
         if not isinstance(table, Mapping):
             raise DemoError(f"--config: {section!r} must be a table")

@@ -13,13 +13,15 @@ import httpx
 import signedjson.key
 from signedjson.types import SigningKey
 
-from gateway.config import GatewayConfig
+from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.federation import FederationClient, Keyring, TrustedKeyServer
 from gateway.homeserver.forward import Forwarder
 from gateway.metrics import Metrics
 from gateway.notary import DelegationKeys, Notary, NotaryKey, prepare_notary_files
 from gateway.notary.keys import load_or_create_secret
 from gateway.notary.vouches import StoreVouchRecords
+from gateway.policy import PolicyEngine, PolicyLoadError, PolicyMetrics
+from gateway.policy.api import JoinContext, KnockContext
 from gateway.store import Store, open_store
 
 __all__ = ["Services", "load_homeserver_signing_key", "now_ms", "open_services"]
@@ -50,6 +52,8 @@ class Services:
     notary: Notary | None = None
     #: the homeserver's own signing key (a copy), when configured
     homeserver_signing_key: SigningKey | None = None
+    #: the admission policy engine, when ``[[policies]]`` are configured
+    policy: PolicyEngine | None = None
     #: parts added by features that have no field of their own yet
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -135,4 +139,60 @@ async def open_services(
                 homeserver_name=config.server.server_name,
                 clock_ms=now_ms,
             )
+        if config.policies:
+            install_policy_engine(
+                services,
+                PolicyEngine.from_specs(
+                    config.policies,
+                    store=store,
+                    metrics=PolicyMetrics(registry=metrics.registry),
+                    audit_allows=config.policy.audit_allows,
+                ),
+            )
         yield services
+
+
+def reload_policies(services: Services) -> str | None:
+    """Re-reads the policies from the configuration file (SIGHUP). Returns None when the new
+    set is active, or why not: on any error the set already running stays active."""
+    source = services.config.source
+    if source is None:
+        return "the configuration was not loaded from a file"
+    try:
+        fresh = load_config(source)
+    except ConfigError as e:
+        return str(e)
+    if services.policy is not None:
+        error = services.policy.reload(fresh.policies)
+        return None if error is None else str(error)
+    if not fresh.policies:
+        return None
+    try:
+        engine = PolicyEngine.from_specs(
+            fresh.policies,
+            store=services.store,
+            metrics=PolicyMetrics(registry=services.metrics.registry),
+            audit_allows=fresh.policy.audit_allows,
+        )
+    except PolicyLoadError as e:
+        return str(e)
+    install_policy_engine(services, engine)
+    return None
+
+
+def install_policy_engine(services: Services, engine: PolicyEngine) -> None:
+    """Makes ``engine`` decide invites, joins and knocks for this worker."""
+    services.policy = engine
+
+    async def join_policy(ctx: JoinContext) -> None:
+        outcome = await engine.decide_join(ctx)
+        if not outcome.allowed:
+            raise outcome.error()
+
+    async def knock_policy(ctx: KnockContext) -> None:
+        outcome = await engine.decide_knock(ctx)
+        if not outcome.allowed:
+            raise outcome.error()
+
+    services.extra["join_policy"] = join_policy
+    services.extra["knock_policy"] = knock_policy

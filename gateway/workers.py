@@ -87,7 +87,9 @@ async def _signal(*signums: int) -> None:
 async def _serve_single(config: GatewayConfig) -> None:
     trigger = partial(_signal, signal.SIGINT, signal.SIGTERM)
     async with trio.open_nursery() as nursery:
-        listening: Listening = await nursery.start(partial(serve, config, shutdown_trigger=trigger))
+        listening: Listening = await nursery.start(
+            partial(serve, config, shutdown_trigger=trigger, reload_on_sighup=True)
+        )
         _log.info(
             "gateway started",
             public_url=listening.public_url,
@@ -101,6 +103,8 @@ def _worker_main(
     config: GatewayConfig, sockets: ListenerSockets, stop: EventType, index: int, parent: int
 ) -> None:
     configure_logging(config.log.format, config.log.level, static={"worker": index})
+    # Until the worker listens for it, a reload request must not kill the worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     async def stop_requested() -> None:
         # A multiprocessing event cannot wake a Trio task; poll it (and the parent's life).
@@ -110,7 +114,11 @@ def _worker_main(
     async def main() -> None:
         trigger = partial(_wait_first, stop_requested, partial(_signal, signal.SIGTERM))
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(serve, config, sockets=sockets, shutdown_trigger=trigger))
+            await nursery.start(
+                partial(
+                    serve, config, sockets=sockets, shutdown_trigger=trigger, reload_on_sighup=True
+                )
+            )
             _log.info("worker started", pid=os.getpid())
 
     trio.run(main)
@@ -152,6 +160,15 @@ def _supervise(config: GatewayConfig) -> int:
             started_at[index] = time.monotonic()
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
+
+        def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+            # Every worker reloads its own policy set from the same file.
+            _log.info("reloading policies in every worker")
+            for process in processes.values():
+                if process.pid is not None and process.exitcode is None:
+                    os.kill(process.pid, signal.SIGHUP)
+
+        signal.signal(signal.SIGHUP, on_hangup)
         scheme = "https" if config.public.tls else "http"
         host, port = sockets.public.getsockname()[:2]
         ihost, iport = sockets.internal.getsockname()[:2]

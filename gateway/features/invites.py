@@ -46,8 +46,15 @@ from gateway.matrix.room_versions import (
     EventIdFormat,
     RoomVersion,
 )
-from gateway.matrix.signing import ServerKey, SignatureError, required_signers, verify_event
+from gateway.matrix.signing import (
+    ServerKey,
+    SignatureError,
+    required_signers,
+    sign_event,
+    verify_event,
+)
 from gateway.matrix.xmatrix import sign_request
+from gateway.policy.api import InviteContext, claimed_creator_servers, creator_servers_of
 from gateway.services import Services, now_ms
 
 V3_INVITE = "/_matrix/federation/v3/invite/{roomId}"
@@ -77,21 +84,13 @@ class ValidatedInvite:
     #: state events from ``state`` whose auth chain was verified from what was sent
     verified_state: list[dict[str, Any]] = field(default_factory=list)
     invite_room_state: list[dict[str, Any]] = field(default_factory=list)
+    #: ``invite_room_state`` exactly as sent (untrusted; for policies to look at)
+    sent_room_state: list[dict[str, Any]] = field(default_factory=list)
 
     @property
-    def creator_servers(self) -> list[str]:
+    def creator_servers(self) -> tuple[str, ...]:
         """Servers of the room's creators, from the verified create event."""
-        creators = [self.create_event.get("sender")]
-        content = self.create_event.get("content")
-        if self.room_version.authorization.additional_creators and isinstance(content, dict):
-            extra = content.get("additional_creators")
-            if isinstance(extra, list):
-                creators.extend(extra)
-        servers = []
-        for user in creators:
-            if isinstance(user, str) and ":" in user:
-                servers.append(user.split(":", 1)[1])
-        return list(dict.fromkeys(servers))
+        return creator_servers_of(self.create_event, self.room_version.identifier)
 
 
 async def _fetch_keys(
@@ -328,6 +327,7 @@ async def validate_v3_invite(request: Request) -> ValidatedInvite:
         create_event=create,
         verified_state=verified_state,
         invite_room_state=room_state,
+        sent_room_state=[e for e in sent_room_state if isinstance(e, dict)],
     )
 
 
@@ -379,6 +379,51 @@ async def deliver_as_v2(request: Request, invite: ValidatedInvite) -> Response:
     return answer
 
 
+# --- admission policy -----------------------------------------------------------------
+
+
+def _answer_dropped(
+    request: Request, event: dict[str, Any], version: RoomVersion, endpoint: str
+) -> Response:
+    """The answer of a homeserver that accepted the invite: the event with our signature.
+
+    The peer cannot tell a dropped invite from a delivered one; the homeserver never sees it.
+    """
+    services = request.services
+    key = services.homeserver_signing_key
+    if key is None:
+        raise MatrixError(
+            500, Codes.UNKNOWN, "dropping invites needs server.signing_key_path to be set"
+        )
+    unsigned = event.get("unsigned")
+    if isinstance(unsigned, dict) and "invite_room_state" in unsigned:
+        event = dict(event)
+        event["unsigned"] = {k: v for k, v in unsigned.items() if k != "invite_room_state"}
+    signed = sign_event(event, version, services.config.server.server_name, cast(SigningKey, key))
+    if endpoint == "v1":
+        return Response.json([200, {"event": signed}])
+    return Response.json({"event": signed})
+
+
+async def _apply_policy(
+    request: Request,
+    ctx: InviteContext,
+    event: dict[str, Any],
+    version: RoomVersion,
+) -> Response | None:
+    """Runs the invite policies: None to go on, or the answer to send instead."""
+    engine = request.services.policy
+    if engine is None:
+        return None
+    outcome = await engine.decide_invite(ctx)
+    if outcome.allowed:
+        return None
+    if outcome.dropped:
+        request.log.info("invite.dropped", policy=outcome.policy, origin=ctx.origin)
+        return _answer_dropped(request, event, version, ctx.endpoint)
+    raise outcome.error()
+
+
 async def on_v3_invite(request: Request) -> Response:
     try:
         invite = await validate_v3_invite(request)
@@ -386,13 +431,105 @@ async def on_v3_invite(request: Request) -> Response:
         request.services.metrics.v3_invites.labels(outcome="refused").inc()
         request.log.info("invite.v3.refused", errcode=e.errcode, reason=e.message)
         raise
+    ctx = InviteContext(
+        event=invite.event,
+        inviter=str(invite.event["sender"]),
+        invitee=str(invite.event["state_key"]),
+        origin=invite.origin,
+        room_id=invite.room_id,
+        room_version=invite.room_version.identifier,
+        create_event=invite.create_event,
+        create_event_verified=True,
+        creator_servers=invite.creator_servers,
+        stripped_state_untrusted=tuple(invite.sent_room_state),
+        endpoint="v3",
+        request_id=request.request_id,
+    )
+    try:
+        answer = await _apply_policy(request, ctx, invite.event, invite.room_version)
+    except MatrixError:
+        request.services.metrics.v3_invites.labels(outcome="denied").inc()
+        raise
+    if answer is not None:
+        request.services.metrics.v3_invites.labels(outcome="dropped").inc()
+        return answer
     request.services.metrics.v3_invites.labels(outcome="delivered").inc()
     return await deliver_as_v2(request, invite)
 
 
-def _counted_passthrough(version: str) -> Any:
+def _legacy_invite_parts(
+    body: Any, endpoint: str
+) -> tuple[dict[str, Any], str, list[dict[str, Any]]] | None:
+    """(event, room version, invite_room_state) of a v1 or v2 invite body, if well formed."""
+    if not isinstance(body, dict):
+        return None
+    if endpoint == "v2":
+        event, version, room_state = (
+            body.get("event"),
+            body.get("room_version"),
+            body.get("invite_room_state", []),
+        )
+    else:
+        # v1 carries the bare event, with the room state in its unsigned section; it predates
+        # room versions, so the room is taken to be version 1.
+        event, version = body, "1"
+        unsigned = body.get("unsigned")
+        room_state = unsigned.get("invite_room_state", []) if isinstance(unsigned, dict) else []
+    if not isinstance(event, dict) or not isinstance(version, str):
+        return None
+    if not isinstance(event.get("sender"), str) or not isinstance(event.get("state_key"), str):
+        return None
+    states = [e for e in room_state if isinstance(e, dict)] if isinstance(room_state, list) else []
+    return event, version, states
+
+
+def _legacy_invite(endpoint: str) -> Any:
     async def handler(request: Request) -> Response:
-        request.services.metrics.legacy_invites.labels(version=version).inc()
+        services = request.services
+        services.metrics.legacy_invites.labels(version=endpoint).inc()
+        if services.policy is None:
+            return await request.forward()
+        body = await request.json()
+        auth = await authenticate_request(request, body)
+        parts = _legacy_invite_parts(body, endpoint)
+        version = ROOM_VERSIONS.get(parts[1]) if parts else None
+        if parts is None or version is None:
+            # Malformed or unknown to us: the homeserver gives the answer it always gives.
+            return await request.forward()
+        event, _, room_state = parts
+        room_id = request.path_params["roomId"]
+        creates = [
+            e for e in room_state if e.get("type") == "m.room.create" and e.get("state_key") == ""
+        ]
+        ctx = InviteContext(
+            event=event,
+            inviter=str(event["sender"]),
+            invitee=str(event["state_key"]),
+            origin=auth.origin,
+            room_id=room_id,
+            room_version=version.identifier,
+            create_event=creates[0] if creates else None,
+            create_event_verified=False,
+            creator_servers=claimed_creator_servers(room_state, room_id, version.identifier),
+            stripped_state_untrusted=tuple(room_state),
+            endpoint="v1" if endpoint == "v1" else "v2",
+            request_id=request.request_id,
+        )
+        engine = services.policy
+        outcome = await engine.decide_invite(ctx)
+        if outcome.denied:
+            raise outcome.error()
+        if outcome.dropped:
+            # Only an invite that really comes from the origin gets our signature.
+            _check_invite_event(
+                event,
+                room_id=room_id,
+                origin=auth.origin,
+                our_server=services.config.server.server_name,
+            )
+            await _check_pdu(services, event, version, "invite event")
+            request.log.info("invite.dropped", policy=outcome.policy, origin=auth.origin)
+            return _answer_dropped(request, event, version, endpoint)
         return await request.forward()
 
     return handler
@@ -401,5 +538,5 @@ def _counted_passthrough(version: str) -> Any:
 def install(router: Router, services: Services) -> None:
     router.add("PUT", V3_INVITE, on_v3_invite, name="invite_v3")
     router.add("PUT", UNSTABLE_INVITE, on_v3_invite, name="invite_v3_unstable")
-    router.add("PUT", V2_INVITE, _counted_passthrough("v2"), name="invite_v2")
-    router.add("PUT", V1_INVITE, _counted_passthrough("v1"), name="invite_v1")
+    router.add("PUT", V2_INVITE, _legacy_invite("v2"), name="invite_v2")
+    router.add("PUT", V1_INVITE, _legacy_invite("v1"), name="invite_v1")
