@@ -43,7 +43,7 @@ from hypercorn.utils import wrap_app
 
 from gateway.config import BindAddress, GatewayConfig
 from gateway.errors import Codes, MatrixError
-from gateway.features import invites, joins, keys
+from gateway.features import invites, joins, keys, knocks
 from gateway.homeserver.forward import ResponseCutShort
 from gateway.http import (
     ClientDisconnected,
@@ -77,7 +77,7 @@ __all__ = [
 RouteInstaller = Callable[[Router, Services], None]
 
 #: Owned endpoints on the public listener. Feature modules add their installer here.
-PUBLIC_ROUTES: list[RouteInstaller] = [invites.install, keys.install, joins.install]
+PUBLIC_ROUTES: list[RouteInstaller] = [invites.install, keys.install, joins.install, knocks.install]
 #: Endpoints on the internal listener besides /health and /metrics (the notary).
 INTERNAL_ROUTES: list[RouteInstaller] = [notary_routes.install]
 

@@ -1,0 +1,152 @@
+"""Knocking (server-server API "Knocking upon a room"; room version 7 and later).
+
+A remote user asks to be let into a room whose join rule is ``knock`` (or
+``knock_restricted``) by handing a signed ``knock`` membership event to a resident server.
+The gateway owns both steps so admission policies can refuse a knock before the homeserver
+sees it:
+
+``GET /_matrix/federation/v1/make_knock/{roomId}/{userId}``
+    the origin is authenticated and owns the user; the knock policy (if one is configured)
+    sees the room's version and join rule; then the homeserver builds the template.
+
+``PUT /_matrix/federation/v1/send_knock/{roomId}/{eventId}``
+    the origin is authenticated; the event is a knock of its own sender, who belongs to the
+    origin; the knock policy decides; then the homeserver checks the event in full (hashes,
+    signatures, auth rules) and answers with the room's stripped state.
+
+Both requests reach the homeserver exactly as the peer sent them (path, ``ver`` query,
+body, ``Authorization``), so the origin's X-Matrix signature still holds there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from gateway.errors import Codes, MatrixError
+from gateway.features.joins import authenticate_origin, join_services
+from gateway.http import Request, Response, Router
+from gateway.matrix.identifiers import InvalidIdentifier, parse_user_id
+from gateway.policy.api import KnockContext, KnockStage
+
+if TYPE_CHECKING:
+    from gateway.services import Services
+
+__all__ = [
+    "KnockPolicy",
+    "check_knock_event",
+    "install",
+    "on_make_knock",
+    "on_send_knock",
+    "register",
+]
+
+#: The policy engine's way in (``services.extra["knock_policy"]``): called at make_knock and
+#: at send_knock, before the homeserver sees the request; raises :class:`MatrixError` to
+#: refuse.
+KnockPolicy = Callable[[KnockContext], Awaitable[None]]
+
+
+def _server_of(user_id: object) -> str | None:
+    if not isinstance(user_id, str):
+        return None
+    try:
+        return parse_user_id(user_id).server_name
+    except InvalidIdentifier:
+        return None
+
+
+def check_knock_event(event: Any, *, room_id: str, origin: str) -> str:
+    """The sender of a knock event sent to send_knock; raises :class:`MatrixError`.
+
+    Only what the gateway needs to trust the knock's user for the policy: the event is an
+    ``m.room.member`` ``knock`` of its own sender in the path's room (400
+    ``M_INVALID_PARAM`` otherwise), and the sender belongs to the origin (403
+    ``M_FORBIDDEN``; spec: the knocking server may only knock for its own users). Hashes,
+    signatures and auth rules are the homeserver's job, as the event reaches it unchanged.
+    """
+    if not isinstance(event, dict):
+        raise MatrixError(400, Codes.INVALID_PARAM, "The knock event must be a JSON object")
+    content = event.get("content")
+    sender = event.get("sender")
+    if (
+        event.get("type") != "m.room.member"
+        or not isinstance(content, dict)
+        or content.get("membership") != "knock"
+        or not isinstance(sender, str)
+        or event.get("state_key") != sender
+    ):
+        raise MatrixError(400, Codes.INVALID_PARAM, "Not a knock event of its own sender")
+    if event.get("room_id") != room_id:
+        raise MatrixError(400, Codes.INVALID_PARAM, "The event's room_id is not the path's")
+    if _server_of(sender) != origin:
+        raise MatrixError(403, Codes.FORBIDDEN, "The knocking user does not belong to the origin")
+    return sender
+
+
+async def _ask_policy(
+    request: Request, stage: KnockStage, *, origin: str, user_id: str, room_id: str
+) -> None:
+    """Asks the knock policy, with the room's version and join rule as the homeserver knows
+    them. Without a policy nothing is read."""
+    policy: KnockPolicy | None = request.services.extra.get("knock_policy")
+    if policy is None:
+        return
+    state = await join_services(request.services).state.room_state(room_id)
+    join_rule = state.content("m.room.join_rules").get("join_rule") if state else None
+    await policy(
+        KnockContext(
+            user=user_id,
+            origin=origin,
+            room_id=room_id,
+            # The homeserver is not in the room: it will answer 404 itself, the policy may
+            # still refuse first.
+            room_version=state.room_version if state else "",
+            join_rule=join_rule if isinstance(join_rule, str) else None,
+            stage=stage,
+            request_id=request.request_id,
+        )
+    )
+
+
+async def on_make_knock(request: Request) -> Response:
+    deps = join_services(request.services)
+    room_id = request.path_params["roomId"]
+    user_id = request.path_params["userId"]
+    origin = await authenticate_origin(request, deps.keys, deps.server_name, None, deps.clock_ms())
+    if _server_of(user_id) != origin:
+        raise MatrixError(403, Codes.FORBIDDEN, "The user does not belong to the origin")
+    await _ask_policy(request, "make_knock", origin=origin, user_id=user_id, room_id=room_id)
+    # The original request, ``ver`` parameters included: the homeserver picks the version.
+    return await request.forward()
+
+
+async def on_send_knock(request: Request) -> Response:
+    deps = join_services(request.services)
+    room_id = request.path_params["roomId"]
+    event = await request.json()
+    origin = await authenticate_origin(request, deps.keys, deps.server_name, event, deps.clock_ms())
+    sender = check_knock_event(event, room_id=room_id, origin=origin)
+    await _ask_policy(request, "send_knock", origin=origin, user_id=sender, room_id=room_id)
+    return await request.forward()
+
+
+def install(router: Router, services: Services) -> None:
+    """The route installer for ``gateway.app.PUBLIC_ROUTES``."""
+    register(router)
+
+
+def register(router: Router) -> None:
+    """Adds make_knock and send_knock to ``router``."""
+    router.add(
+        "GET",
+        "/_matrix/federation/v1/make_knock/{roomId}/{userId}",
+        on_make_knock,
+        name="make_knock",
+    )
+    router.add(
+        "PUT",
+        "/_matrix/federation/v1/send_knock/{roomId}/{eventId}",
+        on_send_knock,
+        name="send_knock",
+    )
