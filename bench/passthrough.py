@@ -11,7 +11,7 @@ same Synapse (one worker, kept-alive upstream connections). For a small federati
 - throughput: ``wrk`` (one thread, a fixed number of keep-alive connections, a fixed
   duration, after a short warm-up), requests per second;
 - latency: a sequential keep-alive client in its own process (raw sockets, one request at a
-  time), p50 and p99;
+  time, the three targets taking turns), p50 and p99;
 - CPU per request: user + system CPU time the server processes spent during the wrk run,
   divided by the requests served. On a shared two-core machine this is the steadier
   measure of cost: the gateway's column is what it adds to Synapse's.
@@ -51,6 +51,7 @@ from gateway.homeserver.synapse import ServiceProcess, free_port
 
 PATH = "/_matrix/federation/v1/version"
 WARMUP_SECONDS = 2.0
+LATENCY_ROUNDS = 5
 
 
 # --- tools -------------------------------------------------------------------------------
@@ -278,16 +279,27 @@ def latency_client(host: str, port: int, path: str, count: int) -> list[float]:
     return timings
 
 
-def measure_latency(url: str, count: int) -> tuple[float, float]:
-    """(p50, p99) in ms from the sequential client, run as a separate process."""
+def latency_samples(url: str, count: int) -> list[float]:
+    """Seconds per request from the sequential client, run as a separate process."""
     host, port = url.split("://", 1)[1].rsplit(":", 1)
     argv = [sys.executable, __file__, "--latency-client", host, port, PATH, str(count)]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         raise RuntimeError(f"latency client failed:\n{out.stderr}")
-    timings = json.loads(out.stdout)
-    cuts = statistics.quantiles(timings, n=100, method="inclusive")
-    return cuts[49] * 1e3, cuts[98] * 1e3
+    timings: list[float] = json.loads(out.stdout)
+    return timings
+
+
+def measure_latencies(results: Sequence[Result], urls: Sequence[str], requests: int) -> None:
+    """Fills in p50/p99. The targets take turns in rounds, so that a change in the load
+    other programs put on the machine does not fall on one target only."""
+    samples: list[list[float]] = [[] for _ in urls]
+    for _ in range(LATENCY_ROUNDS):
+        for url, collected in zip(urls, samples, strict=True):
+            collected.extend(latency_samples(url, max(1, requests // LATENCY_ROUNDS)))
+    for result, collected in zip(results, samples, strict=True):
+        cuts = statistics.quantiles(collected, n=100, method="inclusive")
+        result.p50_ms, result.p99_ms = cuts[49] * 1e3, cuts[98] * 1e3
 
 
 @contextlib.contextmanager
@@ -334,7 +346,6 @@ def measure(
     wrk: str,
     connections: int,
     seconds: float,
-    requests: int,
     profile: Path | None = None,
 ) -> Result:
     result = Result(name)
@@ -348,7 +359,6 @@ def measure(
     result.wrk_p50_ms = percentiles.get("50", float("nan"))
     result.wrk_p99_ms = percentiles.get("99", float("nan"))
     result.cpu_us = used / (rps * max(1, round(seconds))) * 1e6 if rps else float("nan")
-    result.p50_ms, result.p99_ms = measure_latency(url, requests)
     return result
 
 
@@ -359,7 +369,7 @@ def report(results: list[Result], connections: int, seconds: float, requests: in
     direct, gateway, nginx = results
     lines = [
         f"GET {PATH}: wrk {connections} connections x {seconds:.0f} s; "
-        f"sequential client {requests} requests",
+        f"sequential client {requests} requests per target, in {LATENCY_ROUNDS} turns",
         "",
         f"{'':24}{'req/s':>9}{'wrk p50':>9}{'wrk p99':>9}{'seq p50':>9}{'seq p99':>9}"
         f"{'CPU/req':>10}{'errors':>8}",
@@ -441,7 +451,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "wrk": wrk,
             "connections": args.connections,
             "seconds": args.duration,
-            "requests": args.requests,
         }
         targets = [
             ("(a) Synapse direct", stack.homeserver_url, [synapse_pid], None),
@@ -450,8 +459,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         results = []
         for name, url, pids, profile in targets:
-            print(f"measuring {name} ...", flush=True)
-            results.append(measure(name, url, pids, profile=profile, **common))  # type: ignore[arg-type]
+            print(f"throughput of {name} ...", flush=True)
+            results.append(measure(name, url, pids, profile=profile, **common))
+        print("latency, the three taking turns ...", flush=True)
+        measure_latencies(results, [url for _, url, _, _ in targets], args.requests)
         print()
         print(report(results, args.connections, args.duration, args.requests))
         if args.profile:

@@ -1,9 +1,13 @@
 """Passing requests through to the homeserver, byte for byte.
 
 Peers sign the request target of federation requests (X-Matrix), so the raw path and query
-are sent exactly as received: this module talks to the homeserver with ``httpcore`` (the
-engine under httpx) and hands it the target bytes directly. httpx's own URL type would
-resolve ``.``/``..`` segments and re-quote characters, which changes what the peer signed.
+are sent exactly as received (httpx's URL type would resolve ``.``/``..`` segments and
+re-quote characters, which changes what the peer signed). Every request goes through here,
+so this module speaks HTTP/1.1 to the homeserver itself, over a pool of kept-alive
+connections (:class:`_UpstreamPool`): a general client's layers cost more per request than
+the rest of the passthrough together (see ``bench/passthrough.py``). A response that has
+fully arrived by the time its head is read is passed on in one piece with a
+``Content-Length``; anything longer is streamed as it comes.
 
 Bodies are streamed both ways. Limits:
 
@@ -332,9 +336,9 @@ class _UpstreamPool:
     The request target goes out exactly as given. A request takes the most recently used
     idle connection and checks only that one; one more check per request retires the oldest
     idle connection once it has expired, so idle connections do not pile up. (httpcore's
-    pool, used before, examined every connection it held on each request and response,
-    with a readiness syscall for each idle one, and its layers cost more than the rest of
-    the passthrough together.)
+    pool examines every connection it holds on each request and response, with a
+    readiness syscall for each idle one: with 32 clients that alone was most of the
+    gateway's time.)
 
     There is no upper bound on open connections: each client request holds at most one,
     so the client side (Hypercorn) already bounds them.
@@ -410,18 +414,27 @@ class _UpstreamPool:
         head += b"\r\n"
         connection = await self._take()
         try:
-            if isinstance(content, bytes):
-                await connection.send(bytes(head + content), self._read_timeout)
-            else:
-                await connection.send(bytes(head), self._read_timeout)
-                async for chunk in content:
-                    if not chunk:
-                        continue
+            try:
+                if isinstance(content, bytes):
+                    await connection.send(bytes(head + content), self._read_timeout)
+                else:
+                    await connection.send(bytes(head), self._read_timeout)
+                    async for chunk in content:
+                        if not chunk:
+                            continue
+                        if chunked:
+                            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+                        await connection.send(chunk, self._read_timeout)
                     if chunked:
-                        chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
-                    await connection.send(chunk, self._read_timeout)
-                if chunked:
-                    await connection.send(b"0\r\n\r\n", self._read_timeout)
+                        await connection.send(b"0\r\n\r\n", self._read_timeout)
+            except _UpstreamError as e:
+                if e.kind != "closed_early":
+                    raise
+                # The homeserver may have answered (413, say) and closed before taking the
+                # whole body: that answer is the one to pass on, if it is there.
+                response = await self._read_head(connection, method)
+                response.keep_alive = False
+                return response
             return await self._read_head(connection, method)
         except BaseException:
             connection.close()
@@ -451,9 +464,10 @@ class _UpstreamPool:
             headers: Headers = []
             for line in lines[1:]:
                 name, colon, value = line.partition(b":")
-                if not colon or not _TOKEN.fullmatch(name):
+                value = value.strip(b" \t")
+                if not colon or not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
                     raise _UpstreamError("protocol_error")
-                headers.append((name.lower(), value.strip(b" \t")))
+                headers.append((name.lower(), value))
             if 100 <= status < 200:
                 continue  # an interim answer (we never ask for 100-continue)
             response = _UpstreamResponse(connection, status, headers, self._read_timeout)
