@@ -355,6 +355,9 @@ def hypercorn_config(
     hc.include_server_header = False
     hc.include_date_header = False
     hc.keep_alive_timeout = min(_KEEP_ALIVE_TIMEOUT, config.public.request_timeout)
+    # Federation peers keep connections for long; Hypercorn's default closes them after
+    # 1000 requests.
+    hc.keep_alive_max_requests = 100_000
     hc.graceful_timeout = _GRACEFUL_TIMEOUT
     hc.backlog = _BACKLOG
     if tls is not None:
