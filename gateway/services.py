@@ -164,7 +164,10 @@ def reload_policies(services: Services) -> str | None:
         return str(e)
     if services.policy is not None:
         error = services.policy.reload(fresh.policies)
-        return None if error is None else str(error)
+        if error is not None:
+            return str(error)
+        services.policy.audit_allows = fresh.policy.audit_allows
+        return None
     if not fresh.policies:
         return None
     try:

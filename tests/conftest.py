@@ -12,3 +12,5 @@ from pathlib import Path
 _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+pytest_plugins = ["tests.support.stack_fixtures"]

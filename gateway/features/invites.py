@@ -498,6 +498,11 @@ def _legacy_invite(endpoint: str) -> Any:
             return await request.forward()
         event, _, room_state = parts
         room_id = request.path_params["roomId"]
+        # Policies are promised verified facts: the invite must really come from the origin
+        # (and be signed by it) before anyone decides on it.
+        our_server = services.config.server.server_name
+        _check_invite_event(event, room_id=room_id, origin=auth.origin, our_server=our_server)
+        await _check_pdu(services, event, version, "invite event")
         creates = [
             e for e in room_state if e.get("type") == "m.room.create" and e.get("state_key") == ""
         ]
@@ -520,14 +525,6 @@ def _legacy_invite(endpoint: str) -> Any:
         if outcome.denied:
             raise outcome.error()
         if outcome.dropped:
-            # Only an invite that really comes from the origin gets our signature.
-            _check_invite_event(
-                event,
-                room_id=room_id,
-                origin=auth.origin,
-                our_server=services.config.server.server_name,
-            )
-            await _check_pdu(services, event, version, "invite event")
             request.log.info("invite.dropped", policy=outcome.policy, origin=auth.origin)
             return _answer_dropped(request, event, version, endpoint)
         return await request.forward()

@@ -17,9 +17,9 @@ from signedjson.sign import SignatureVerifyException, verify_signed_json
 
 from gateway.demo import Stack
 from gateway.matrix.events import redact
-from tests.integration.conftest import RegisteredUser
 from tests.support.pdus import RemoteRoom, make_remote_room
 from tests.support.remote_server import RemoteServer
+from tests.support.stack_fixtures import RegisteredUser
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""One real Synapse (SQLite, loopback) with the gateway in front, for the whole session.
+"""Fixtures for tests that need a real Synapse with the gateway in front.
 
 The fixtures are synchronous (pytest-trio has no session-scoped async fixtures): the two
 servers run as child processes and tests talk to them with httpx. If Synapse or the gateway
