@@ -153,6 +153,7 @@ _FAILURES = {
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HTTP1_VERSION = re.compile(rb"HTTP/1\.[0-9]")
 _MAX_HEAD = 64 * 1024
 _READ_SIZE = 64 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
@@ -314,6 +315,11 @@ class _UpstreamResponse:
             elif k == b"connection" and b"close" in v.lower():
                 self.keep_alive = False
         if coding:
+            # RFC 9112 6.3: Transfer-Encoding overrides Content-Length, which an
+            # intermediary must remove; such a message also ends the connection.
+            if lengths:
+                self.headers = [(k, v) for k, v in self.headers if k != b"content-length"]
+                self.keep_alive = False
             if coding.lower().rsplit(b",", 1)[-1].strip() == b"chunked":
                 self._chunked = True
             else:
@@ -455,9 +461,10 @@ class _UpstreamPool:
             status_line = lines[0].split(b" ", 2)
             if (
                 len(status_line) < 2
-                or not status_line[0].startswith(b"HTTP/1.")
+                or not _HTTP1_VERSION.fullmatch(status_line[0])
                 or len(status_line[1]) != 3
                 or not status_line[1].isdigit()
+                or status_line[1] < b"100"
             ):
                 raise _UpstreamError("protocol_error")
             status = int(status_line[1])
