@@ -140,6 +140,10 @@ class PublicApp:
         path = route_path(raw_path)
         if path == b"/_synapse/admin" or path.startswith(b"/_synapse/admin/"):
             return "admin" if self.expose_admin else "admin_blocked"
+        if path.startswith(b"/_matrix/key/"):
+            # Every key answer of the homeserver, whatever the path's shape (trailing slash,
+            # key id, encoding), is filtered: none may carry a delegation key out.
+            return "key_query"
         if path.startswith(_PASSTHROUGH_PREFIXES):
             return "passthrough"
         return "not_found"
@@ -180,7 +184,18 @@ class PublicApp:
                 await send_response(tracked_send, response, head=method == "HEAD")
             else:
                 route = self.classify(raw_path)
-                if route == "passthrough" or route == "admin":
+                if route == "key_query":
+                    request = Request(
+                        scope,
+                        receive,
+                        services=services,
+                        request_id=request_id,
+                        log=_log.bind(request_id=request_id, route=route),
+                        route=route,
+                    )
+                    response = await keys.on_key_query(request)
+                    await send_response(tracked_send, response, head=method == "HEAD")
+                elif route == "passthrough" or route == "admin":
                     await services.forwarder.passthrough(scope, receive, tracked_send)
                 else:
                     raise _not_recognized()

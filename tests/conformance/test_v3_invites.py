@@ -611,6 +611,18 @@ def test_no_delegation_key_appears_in_any_public_key_answer(
         servers = {e["server_name"] for e in public.json()["server_keys"]}
         assert remote in servers, public.text
 
+    # Synapse also answers other shapes of the GET path (trailing slash, a key id): they
+    # must be filtered as well. The first one leaks when asked directly.
+    key_id = f"ed25519:{remote_server.key_version}"
+    for shape in (f"{get_uri}/", f"{get_uri}/{quote(key_id, safe='')}", f"{get_uri}/%20"):
+        direct = homeserver_client.get(shape)
+        public = gateway_client.get(shape)
+        assert public.status_code == direct.status_code, (shape, public.text)
+        if public.status_code == 200:
+            assert delegation_key_ids(public.json()) == [], shape
+    leaky = homeserver_client.get(f"{get_uri}/")
+    assert leaky.status_code == 200 and delegation_key_ids(leaky.json())
+
 
 def homeserver_signing_key(stack: Stack) -> Any:
     with open(stack.synapse.signing_key_path) as f:
