@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, unquote_to_bytes
 import trio
 
 from gateway.errors import Codes, MatrixError
+from gateway.matrix.canonical_json import InvalidJson, parse_json
 
 if TYPE_CHECKING:
     from gateway.services import Services
@@ -168,9 +169,10 @@ class Request:
         """The body parsed as JSON (400 ``M_NOT_JSON`` when it is not)."""
         raw = await self.body()
         try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise MatrixError(400, Codes.NOT_JSON, "Content not JSON.") from None
+            # Strict: no NaN/Infinity, no lone surrogates, no duplicate keys, bounded depth.
+            return parse_json(raw)
+        except InvalidJson as e:
+            raise MatrixError(400, Codes.NOT_JSON, f"Content not JSON: {e}") from None
 
     async def forward(self) -> Response:
         """Sends this request to the homeserver unchanged and returns its answer."""

@@ -100,4 +100,6 @@ async def authenticate_request(
             raise _unauthorized(str(e)) from None
         except SignatureError as e:
             failure = f"Invalid X-Matrix signature by {auth.origin} ({auth.key_id}): {e}"
+        except ValueError as e:  # content that has no canonical form cannot be signed
+            failure = f"The request cannot be checked: {e}"
     raise _unauthorized(failure)

@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import quote
 
+import trio
 from nacl.signing import SigningKey, VerifyKey
 
 from gateway.errors import Codes, MatrixError
 from gateway.features.auth import authenticate_request
 from gateway.http import Request, Response, Router
+from gateway.matrix.canonical_json import CanonicalJsonError, encode_canonical_json
 from gateway.matrix.events import check_content_hash, compute_event_id, compute_room_id
 from gateway.matrix.identifiers import InvalidIdentifier, parse_user_id
 from gateway.matrix.room_versions import (
@@ -116,9 +118,8 @@ async def _fetch_keys(
         by_key = signatures.get(server) if isinstance(signatures, dict) else None
         if not isinstance(by_key, dict):
             continue
-        for key_id in by_key:
-            if not isinstance(key_id, str) or not key_id.startswith("ed25519:"):
-                continue
+        key_ids = [k for k in by_key if isinstance(k, str) and k.startswith("ed25519:")]
+        for key_id in key_ids[:MAX_KEYS_PER_SERVER]:
             try:
                 found = await keyring.get_verify_key(server, key_id, minimum_valid_until_ts=minimum)
             except MatrixError:
@@ -133,6 +134,14 @@ async def _check_pdu(
     services: Services, event: dict[str, Any], version: RoomVersion, what: str
 ) -> None:
     """Hashes and signatures of a received PDU; any failure is 400 M_INVALID_PARAM."""
+    if version.strict_canonical_json:
+        try:
+            encode_canonical_json(event, strict=True)
+        except CanonicalJsonError as e:
+            raise _bad_json(
+                f"the {what} is not canonical JSON, as room version "
+                f"{version.identifier} requires: {e}"
+            ) from None
     if not check_content_hash(event):
         raise _invalid(f"the {what} fails its content hash check")
     keys = await _fetch_keys(services, event, version)
@@ -226,6 +235,31 @@ def _check_invite_event(
         )
 
 
+#: More entries in ``state`` than this are ignored: an invite needs a handful of events, and
+#: each one costs hashing, signature checks and possibly key fetches.
+MAX_STATE_EVENTS = 100
+#: Signatures by more key ids of one server than this are not looked up.
+MAX_KEYS_PER_SERVER = 4
+#: The auth rules never give an event more than this many auth events.
+MAX_AUTH_EVENTS = 10
+
+
+def _usable_auth_events(
+    event: dict[str, Any], create_id: str, version: RoomVersion
+) -> set[str] | None:
+    """The auth event IDs an event waits for, or None if its list breaks the room's rules."""
+    auth = event.get("auth_events")
+    if not isinstance(auth, list) or not all(isinstance(a, str) for a in auth):
+        return None
+    if len(auth) > MAX_AUTH_EVENTS:
+        return None
+    if version.room_id_from_create_event:
+        # v12: the create event is implied and must not be listed.
+        return None if create_id in auth else set(auth)
+    # Before v12 every event but the create event cites it among its auth events.
+    return set(auth) - {create_id} if create_id in auth else None
+
+
 async def _verified_state(
     services: Services,
     state: list[Any],
@@ -234,10 +268,16 @@ async def _verified_state(
     room_id: str,
     version: RoomVersion,
 ) -> list[dict[str, Any]]:
-    """Events of ``state`` whose whole auth chain is among what was sent and verified."""
-    verified: dict[str, dict[str, Any]] = {create_id: create}
+    """Events of ``state`` whose whole auth chain is among what was sent and verified.
+
+    One pass in dependency order: an event is checked once all its auth events have been
+    verified, and never if one of them is missing or fails.
+    """
     candidates: dict[str, dict[str, Any]] = {}
-    for event in state:
+    waiting_for: dict[str, set[str]] = {}
+    waiters: dict[str, list[str]] = {}
+    ready: list[str] = []
+    for event in state[: MAX_STATE_EVENTS + 1]:
         if event is create or not isinstance(event, dict):
             continue
         if event.get("room_id") != room_id or not isinstance(event.get("state_key"), str):
@@ -248,28 +288,31 @@ async def _verified_state(
             event_id = compute_event_id(event, version)
         except ValueError:
             continue
+        needed = _usable_auth_events(event, create_id, version)
+        if needed is None or event_id in candidates:
+            continue
         candidates[event_id] = event
-    progress = True
-    while progress and candidates:
-        progress = False
-        for event_id, event in list(candidates.items()):
-            auth = event.get("auth_events")
-            if not isinstance(auth, list) or not all(isinstance(a, str) for a in auth):
-                del candidates[event_id]
-                continue
-            needed = set(auth)
-            if version.room_id_from_create_event:
-                needed.discard(create_id)  # v12: the create event is implied
-            if not needed <= verified.keys():
-                continue
-            del candidates[event_id]
-            progress = True
-            try:
-                await _check_pdu(services, event, version, "state event")
-            except MatrixError:
-                continue
-            verified[event_id] = event
-    return [e for eid, e in verified.items() if eid != create_id]
+        if needed:
+            waiting_for[event_id] = needed
+            for auth_id in needed:
+                waiters.setdefault(auth_id, []).append(event_id)
+        else:
+            ready.append(event_id)
+    verified: list[dict[str, Any]] = []
+    while ready:
+        event_id = ready.pop()
+        event = candidates[event_id]
+        try:
+            await _check_pdu(services, event, version, "state event")
+        except MatrixError:
+            continue
+        verified.append(event)
+        for waiter in waiters.pop(event_id, []):
+            remaining = waiting_for[waiter]
+            remaining.discard(event_id)
+            if not remaining:
+                ready.append(waiter)
+    return verified
 
 
 async def validate_v3_invite(request: Request) -> ValidatedInvite:
@@ -312,12 +355,16 @@ async def validate_v3_invite(request: Request) -> ValidatedInvite:
     )
 
     replaced = {("m.room.create", "")} | {(e["type"], e["state_key"]) for e in verified_state}
-    room_state = [
-        e
-        for e in sent_room_state
-        if isinstance(e, dict) and (e.get("type"), e.get("state_key")) not in replaced
-    ]
-    room_state = [create, *verified_state, *room_state]
+    room_state = [create, *verified_state]
+    if not version.room_id_from_create_event:
+        # Up to v11 stripped entries may still be passed on (the homeserver shows them to the
+        # invitee); from v12 every entry must be a verified PDU of the room (MSC4311), so
+        # the unverified ones are left out.
+        room_state += [
+            e
+            for e in sent_room_state
+            if isinstance(e, dict) and (e.get("type"), e.get("state_key")) not in replaced
+        ]
     return ValidatedInvite(
         origin=origin,
         room_id=path_room_id,
@@ -426,7 +473,13 @@ async def _apply_policy(
 
 async def on_v3_invite(request: Request) -> Response:
     try:
-        invite = await validate_v3_invite(request)
+        try:
+            with trio.fail_after(request.services.config.public.request_timeout):
+                invite = await validate_v3_invite(request)
+        except trio.TooSlowError:
+            raise MatrixError(
+                504, Codes.UNKNOWN, "Checking the invite took too long", retry_after_ms=5000
+            ) from None
     except MatrixError as e:
         request.services.metrics.v3_invites.labels(outcome="refused").inc()
         request.log.info("invite.v3.refused", errcode=e.errcode, reason=e.message)
@@ -492,10 +545,18 @@ def _legacy_invite(endpoint: str) -> Any:
         body = await request.json()
         auth = await authenticate_request(request, body)
         parts = _legacy_invite_parts(body, endpoint)
-        version = ROOM_VERSIONS.get(parts[1]) if parts else None
-        if parts is None or version is None:
-            # Malformed or unknown to us: the homeserver gives the answer it always gives.
-            return await request.forward()
+        if parts is None:
+            # Never forwarded unchecked: that would pass by the policies.
+            raise _bad_json("the invite must carry an event with a sender and a state_key")
+        version = ROOM_VERSIONS.get(parts[1])
+        if version is None:
+            raise MatrixError(
+                400,
+                Codes.INCOMPATIBLE_ROOM_VERSION,
+                f"invites to rooms of version {parts[1]!r} cannot be checked by this server's "
+                "admission policies",
+                extra={"room_version": parts[1]},
+            )
         event, _, room_state = parts
         room_id = request.path_params["roomId"]
         # Policies are promised verified facts: the invite must really come from the origin

@@ -7,7 +7,6 @@ own key (the gateway holds a copy), addressed to the notary's name.
 from __future__ import annotations
 
 from typing import cast
-from urllib.parse import unquote
 
 from nacl.signing import SigningKey, VerifyKey
 from signedjson.key import get_verify_key
@@ -67,7 +66,7 @@ async def on_query_post(request: Request) -> Response:
 
 async def on_query_get(request: Request) -> Response:
     await _authenticate(request, None)
-    server_name = unquote(request.path_params["serverName"])
+    server_name = request.path_params["serverName"]
     minimum: int | None = None
     values = request.query().get("minimum_valid_until_ts")
     if values and values[0].isdigit():
