@@ -22,6 +22,7 @@ from gateway.notary.keys import load_or_create_secret
 from gateway.notary.vouches import StoreVouchRecords
 from gateway.policy import PolicyEngine, PolicyLoadError, PolicyMetrics
 from gateway.policy.api import JoinContext, KnockContext
+from gateway.policy.ratelimit import policy_state_reader
 from gateway.store import Store, open_store
 
 __all__ = ["Services", "load_homeserver_signing_key", "now_ms", "open_services"]
@@ -147,6 +148,9 @@ async def open_services(
                     store=store,
                     metrics=PolicyMetrics(registry=metrics.registry),
                     audit_allows=config.policy.audit_allows,
+                    state_reader=policy_state_reader(
+                        client, config.server.server_name, services.homeserver_signing_key
+                    ),
                 ),
             )
         yield services
@@ -176,6 +180,11 @@ def reload_policies(services: Services) -> str | None:
             store=services.store,
             metrics=PolicyMetrics(registry=services.metrics.registry),
             audit_allows=fresh.policy.audit_allows,
+            state_reader=policy_state_reader(
+                services.homeserver,
+                services.config.server.server_name,
+                services.homeserver_signing_key,
+            ),
         )
     except PolicyLoadError as e:
         return str(e)

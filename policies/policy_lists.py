@@ -6,12 +6,25 @@ Options::
     [[policies]]
     module = "policies.policy_lists"
     options.files = ["/etc/gateway/banlist.json"]   # each a JSON list of policy rule events
+    options.policy_rooms = ["!banlist:example.org"] # policy rooms to follow (optional)
+    options.refresh_seconds = 60                    # how often to re-read them (default 60)
     options.invite_action = "drop"                  # or "deny" (default)
 
 A file holds the state events of a policy room, as a client's ``/state`` returns them (a list
 of ``{"type": ..., "state_key": ..., "content": {"entity": ..., "recommendation": "m.ban",
 "reason": ...}}``). Paths are relative to the gateway's working directory. Files are read when
 the policy loads: edit them, then reload the gateway (SIGHUP).
+
+A policy room is followed live: its current state is read through our homeserver
+(``ctx.tools.room_state``), so the homeserver must be in the room (a local user joined, e.g.
+the moderation bot or an admin). The rules in force are those of the files plus those of the
+rooms. A decision re-reads the rooms when the last read is ``refresh_seconds`` old; a change
+in a room therefore applies within ``refresh_seconds`` (plus a couple of seconds the
+homeserver reader caches the room's newest event). If a re-read fails, the rules of the last
+good read stay in force and the failure is logged. Until a room has been read once, decisions
+fail, and the entry's ``on_error`` applies (``closed`` by default: refused). A read happens
+inside a decision and counts against the entry's ``timeout`` (2 s by default): raise it for a
+large room.
 
 How bans apply (following the spec's suggestions for ``m.ban``):
 
@@ -23,17 +36,14 @@ How bans apply (following the spec's suggestions for ``m.ban``):
 Server entities are matched against the server name with and without its port. Legacy event
 types (``m.room.rule.*``, ``org.matrix.mjolnir.rule.*``) and the ``org.matrix.mjolnir.ban``
 recommendation are accepted too. Rules with empty content (removed rules) are ignored.
-
-Following a policy room live is not done here yet: :meth:`BanList.replace` takes the room's
-current state events, so a task reading the room through the homeserver can keep a loaded
-list up to date without a reload.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +54,15 @@ from gateway.policy.api import (
     JoinContext,
     KnockContext,
     OptionsError,
+    PolicyTools,
     allow,
     deny,
     drop,
 )
 
-from ._options import check_known, choice
+from ._options import check_known, choice, positive_number
+
+_log = logging.getLogger(__name__)
 
 _KINDS = {
     "m.policy.rule.user": "user",
@@ -114,10 +127,87 @@ class BanList:
         return None
 
 
+class PolicyRoomError(LookupError):
+    """A followed policy room has not been read successfully yet: no rules to decide with."""
+
+
+@dataclass
+class RoomFollower:
+    """The rules of followed policy rooms, re-read through ``tools.room_state`` at most every
+    ``refresh_ms``. One per configured policy entry (a reload starts afresh)."""
+
+    rooms: tuple[str, ...]
+    refresh_ms: int
+    file_events: tuple[Mapping[str, Any], ...] = ()
+    #: The last good read of each room.
+    _events: dict[str, list[Mapping[str, Any]]] = field(default_factory=dict)
+    _errors: dict[str, str] = field(default_factory=dict)
+    _read_at_ms: int | None = None
+    _reading: bool = False
+    _bans: BanList = field(default_factory=BanList)
+
+    async def bans(self, tools: PolicyTools) -> BanList:
+        now = tools.now_ms()
+        due = self._read_at_ms is None or now - self._read_at_ms >= self.refresh_ms
+        if due and not self._reading:
+            self._read_at_ms = now
+            self._reading = True
+            try:
+                await self._read_rooms(tools, self.rooms)
+            finally:
+                self._reading = False
+        else:
+            # Rooms never read yet (a burst of requests while the first read runs, or a room
+            # the homeserver was not in): each request tries itself rather than failing for a
+            # whole refresh interval.
+            missing = tuple(r for r in self.rooms if r not in self._events)
+            if missing:
+                await self._read_rooms(tools, missing)
+        missing = tuple(r for r in self.rooms if r not in self._events)
+        if missing:
+            raise PolicyRoomError(
+                "policy room(s) not read yet, no rules to decide with: "
+                + "; ".join(f"{r}: {self._errors.get(r, 'read in progress')}" for r in missing)
+            )
+        return self._bans
+
+    async def _read_rooms(self, tools: PolicyTools, rooms: Iterable[str]) -> None:
+        for room_id in rooms:
+            try:
+                events = await tools.room_state(room_id)
+            except Exception as e:
+                # Not only LookupError: an unreachable or slow homeserver must not take away
+                # the rules already known.
+                self._errors[room_id] = f"{type(e).__name__}: {e}"
+                _log.warning(
+                    "policy room not read (%s): %s; %s",
+                    room_id,
+                    self._errors[room_id],
+                    "the rules of its last good read stay in force"
+                    if room_id in self._events
+                    else "it was never read, decisions fail until it is",
+                )
+                continue
+            self._errors.pop(room_id, None)
+            self._events[room_id] = [e for e in events if str(e.get("type")) in _KINDS]
+            # Rebuilt after each room, so a read cut short (the hook's time limit) keeps
+            # what it did read.
+            followed = [e for room in self.rooms for e in self._events.get(room, ())]
+            self._bans = BanList([*self.file_events, *followed])
+
+
 @dataclass(frozen=True)
 class Options:
+    #: The rules of the files.
     bans: BanList
     invite_action: str
+    follower: RoomFollower | None = None
+
+    async def current_bans(self, tools: PolicyTools) -> BanList:
+        """The rules in force now: the files', plus the followed rooms' when there are any."""
+        if self.follower is None:
+            return self.bans
+        return await self.follower.bans(tools)
 
 
 def _read(path: str, key: str) -> list[Mapping[str, Any]]:
@@ -132,15 +222,46 @@ def _read(path: str, key: str) -> list[Mapping[str, Any]]:
     return data
 
 
+def _policy_rooms(options: Mapping[str, Any]) -> tuple[str, ...]:
+    rooms = options.get("policy_rooms", [])
+    if not isinstance(rooms, list):
+        raise OptionsError("policy_rooms", f"must be a list of room IDs, got {rooms!r}")
+    for index, room in enumerate(rooms):
+        # "!opaque:server", or "!hash" without a server name from room version 12.
+        if (
+            not isinstance(room, str)
+            or not room.startswith("!")
+            or len(room) < 2
+            or any(ch.isspace() for ch in room)
+        ):
+            raise OptionsError(
+                f"policy_rooms[{index}]", f"must be a room ID like '!abc:example.org', got {room!r}"
+            )
+    return tuple(dict.fromkeys(rooms))
+
+
 def validate_options(options: Mapping[str, Any]) -> Options:
-    check_known(options, {"files", "invite_action"})
+    check_known(options, {"files", "invite_action", "policy_rooms", "refresh_seconds"})
     files = options.get("files", [])
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise OptionsError("files", f"must be a list of file paths, got {files!r}")
     events: list[Mapping[str, Any]] = []
     for index, path in enumerate(files):
         events.extend(_read(path, f"files[{index}]"))
-    return Options(BanList(events), choice(options, "invite_action", "deny", "deny", "drop"))
+    rooms = _policy_rooms(options)
+    refresh_seconds = 60.0
+    if "refresh_seconds" in options:
+        if not rooms:
+            raise OptionsError("refresh_seconds", "only means something with policy_rooms")
+        refresh_seconds = positive_number(options, "refresh_seconds")
+    follower = (
+        RoomFollower(rooms, max(1, round(refresh_seconds * 1000)), tuple(events)) if rooms else None
+    )
+    return Options(
+        BanList(events),
+        choice(options, "invite_action", "deny", "deny", "drop"),
+        follower,
+    )
 
 
 def _refusal(bans: BanList, *checks: tuple[str, str, str]) -> str | None:
@@ -160,7 +281,7 @@ async def on_invite(ctx: InviteContext, options: Options) -> Decision:
         ("room", ctx.room_id, "room"),
     ]
     checks += [("server", s, "room creator server") for s in ctx.creator_servers]
-    problem = _refusal(options.bans, *checks)
+    problem = _refusal(await options.current_bans(ctx.tools), *checks)
     if problem is None:
         return allow()
     return drop(problem) if options.invite_action == "drop" else deny(problem)
@@ -168,7 +289,7 @@ async def on_invite(ctx: InviteContext, options: Options) -> Decision:
 
 async def on_join(ctx: JoinContext, options: Options) -> Decision:
     problem = _refusal(
-        options.bans,
+        await options.current_bans(ctx.tools),
         ("server", ctx.origin, "server"),
         ("user", ctx.user, "user"),
         ("server", ctx.user_server, "server"),
@@ -179,7 +300,7 @@ async def on_join(ctx: JoinContext, options: Options) -> Decision:
 
 async def on_knock(ctx: KnockContext, options: Options) -> Decision:
     problem = _refusal(
-        options.bans,
+        await options.current_bans(ctx.tools),
         ("server", ctx.origin, "server"),
         ("user", ctx.user, "user"),
         ("server", ctx.user_server, "server"),

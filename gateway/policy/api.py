@@ -29,9 +29,10 @@ Contexts hold facts the gateway has verified. What it could not verify is marked
 field's name or by a flag next to it: ``stripped_state_untrusted`` is what the inviting server
 sent and may be a lie; ``creator_servers`` is only as good as ``create_event_verified``.
 
-Helpers come through ``ctx.tools``: the time (:meth:`PolicyTools.now_ms`) and token buckets
-shared by every worker (:meth:`PolicyTools.rate_limit`). Use them instead of the system clock
-and module-level state so tests control time and replicas agree.
+Helpers come through ``ctx.tools``: the time (:meth:`PolicyTools.now_ms`), token buckets
+shared by every worker (:meth:`PolicyTools.rate_limit`) and the current state of a room our
+homeserver is in (:meth:`PolicyTools.room_state`). Use them instead of the system clock and
+module-level state so tests control time and replicas agree.
 """
 
 from __future__ import annotations
@@ -180,16 +181,33 @@ class PolicyTools(Protocol):
         when the gateway runs on a shared store."""
         ...
 
+    async def room_state(self, room_id: str) -> list[Mapping[str, Any]]:
+        """The current state events of ``room_id`` as our homeserver sees them: full events
+        (``type``, ``state_key``, ``sender``, ``content``, ...), one per (type, state_key).
+
+        Raises :class:`LookupError` when the homeserver is not in the room (or the gateway
+        cannot read room state); other exceptions mean the homeserver could not be asked.
+        Each call may ask the homeserver: cache what you derive from the answer.
+        """
+        ...
+
 
 class MemoryTools:
     """Tools that keep buckets in this object, for tests and ``gateway policy test``.
 
-    ``clock`` returns seconds since the epoch (default: the system clock).
+    ``clock`` returns seconds since the epoch (default: the system clock). ``rooms`` maps
+    room IDs to their state events, for :meth:`room_state`; tests may change it between
+    calls (it is used as given, not copied).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        rooms: dict[str, list[Mapping[str, Any]]] | None = None,
+    ) -> None:
         self._clock = clock
         self._buckets: dict[str, tuple[float, int]] = {}
+        self.rooms: dict[str, list[Mapping[str, Any]]] = rooms if rooms is not None else {}
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -204,6 +222,12 @@ class MemoryTools:
         )
         self._buckets[bucket] = (tokens, now)
         return result
+
+    async def room_state(self, room_id: str) -> list[Mapping[str, Any]]:
+        events = self.rooms.get(room_id)
+        if events is None:
+            raise LookupError(f"the homeserver is not in room {room_id}")
+        return [dict(event) for event in events]
 
 
 def take_tokens(

@@ -60,7 +60,7 @@ from gateway.policy.loading import (
     load_policy_set,
     parse_policy_config,
 )
-from gateway.policy.ratelimit import StoreBuckets, StoreTools
+from gateway.policy.ratelimit import RoomStateReader, StoreBuckets, StoreTools
 from gateway.store import Store
 
 __all__ = [
@@ -192,7 +192,8 @@ class PolicyEngine:
 
     ``store`` holds the audit trail and the shared rate-limit buckets; without one (tests,
     ``gateway policy test``) nothing is audited and buckets live in memory. ``clock`` gives
-    seconds since the epoch.
+    seconds since the epoch. ``state_reader`` answers the policies' ``tools.room_state``
+    (with a store only; without one, or without a reader, room state is not available).
     """
 
     def __init__(
@@ -204,8 +205,10 @@ class PolicyEngine:
         metrics: PolicyMetrics | None = None,
         clock: Callable[[], float] = time.time,
         audit_allows: bool = False,
+        state_reader: RoomStateReader | None = None,
     ) -> None:
         self._store = store
+        self._state_reader = state_reader
         self._buckets = StoreBuckets(store) if store is not None else None
         self.metrics = metrics if metrics is not None else PolicyMetrics()
         self._clock = clock
@@ -231,7 +234,12 @@ class PolicyEngine:
         tools: dict[str, PolicyTools] = {}
         for p in policy_set.policies:
             if self._buckets is not None:
-                tools[p.name] = StoreTools(self._buckets, prefix=p.name, clock=self._clock)
+                tools[p.name] = StoreTools(
+                    self._buckets,
+                    prefix=p.name,
+                    clock=self._clock,
+                    state_reader=self._state_reader,
+                )
             else:
                 tools[p.name] = MemoryTools(self._clock)
         return _Active(policy_set, chains, tools)

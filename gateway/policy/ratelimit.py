@@ -1,4 +1,6 @@
-"""Token buckets in the shared store, so every worker and replica draws from the same bucket.
+"""The tools the engine lends policies in a running gateway: token buckets in the shared
+store, so every worker and replica draws from the same bucket, and room state read through
+the homeserver.
 
 A take is one transaction: make sure the row exists, lock it (PostgreSQL ``FOR UPDATE``;
 SQLite write transactions already hold the database lock), refill, take, write back. Two
@@ -9,12 +11,37 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
+import httpx
+from nacl.signing import SigningKey
+
+from gateway.homeserver.state import HomeserverStateReader, RoomState
 from gateway.policy.api import PolicyTools, RateLimitResult, take_tokens
 from gateway.store import Store, Transaction
 
-__all__ = ["StoreBuckets", "StoreTools"]
+__all__ = ["RoomStateReader", "StoreBuckets", "StoreTools", "policy_state_reader"]
+
+
+class RoomStateReader(Protocol):
+    """Room state as the homeserver knows it (:class:`HomeserverStateReader` in a gateway)."""
+
+    async def room_state(self, room_id: str) -> RoomState | None:
+        """The room's current state; None when the homeserver is not in the room."""
+        ...
+
+
+def policy_state_reader(
+    client: httpx.AsyncClient, server_name: str, signing_key: object | None
+) -> RoomStateReader | None:
+    """The reader policies get room state from: the homeserver's federation API, signed as
+    the homeserver (``client`` has its ``base_url``). None without the homeserver's signing
+    key (``server.signing_key_path``); policies asking for room state then get an error."""
+    if not isinstance(signing_key, SigningKey):  # signedjson's keys are nacl keys
+        return None
+    return HomeserverStateReader(client, server_name=server_name, signing_key=signing_key)
+
 
 #: Rows whose bucket has been full for this long are deleted now and then.
 _PURGE_EVERY = 1000
@@ -78,14 +105,21 @@ class StoreBuckets:
 
 class StoreTools:
     """The :class:`~gateway.policy.api.PolicyTools` the engine lends each policy entry:
-    buckets named ``<prefix>/<bucket>`` in the store, and the engine's clock."""
+    buckets named ``<prefix>/<bucket>`` in the store, the engine's clock, and room state from
+    ``state_reader``."""
 
     def __init__(
-        self, buckets: StoreBuckets, *, prefix: str, clock: Callable[[], float] = time.time
+        self,
+        buckets: StoreBuckets,
+        *,
+        prefix: str,
+        clock: Callable[[], float] = time.time,
+        state_reader: RoomStateReader | None = None,
     ) -> None:
         self._buckets = buckets
         self._prefix = prefix
         self._clock = clock
+        self._state_reader = state_reader
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -100,6 +134,17 @@ class StoreTools:
             per_second=per_second,
             cost=cost,
         )
+
+    async def room_state(self, room_id: str) -> list[Mapping[str, Any]]:
+        if self._state_reader is None:
+            raise LookupError(
+                "room state is not available: the gateway needs the homeserver's signing key"
+                " (server.signing_key_path) to read it"
+            )
+        state = await self._state_reader.room_state(room_id)
+        if state is None:
+            raise LookupError(f"the homeserver is not in room {room_id}")
+        return [dict(event) for event in state.events.values()]
 
 
 def _check(tools: StoreTools) -> PolicyTools:
