@@ -30,6 +30,10 @@ from gateway.matrix.xmatrix import (
 KeySource = Callable[[str, str, int], Awaitable[VerifyKey]]
 
 
+#: A sender signs with each of its keys at most; nobody has more than a few at once.
+MAX_AUTHORIZATION_HEADERS = 4
+
+
 def _unauthorized(message: str) -> MatrixError:
     return MatrixError(401, Codes.UNAUTHORIZED, message)
 
@@ -65,6 +69,10 @@ async def authenticate_request(
     ]
     if not headers:
         raise _unauthorized("Missing X-Matrix Authorization header")
+    if len(headers) > MAX_AUTHORIZATION_HEADERS:
+        raise _unauthorized(
+            f"At most {MAX_AUTHORIZATION_HEADERS} X-Matrix Authorization headers are accepted"
+        )
     parsed: list[XMatrixAuth] = []
     for header in headers:
         try:

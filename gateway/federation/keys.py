@@ -63,6 +63,10 @@ class TrustedKeyServer:
         return cls(str(entry["server_name"]), dict(entry.get("verify_keys") or {}))
 
 
+#: A server's keys are fetched again for an unknown key id at most this often (per worker).
+MIN_REFETCH_INTERVAL_MS = 5_000
+
+
 class KeyUnavailableError(MatrixError):
     """No verified key satisfies the request; callers answer 401 to the peer."""
 
@@ -210,6 +214,7 @@ class Keyring:
             2 * client.http.request_timeout if fetch_timeout is None else fetch_timeout
         )
         self._in_flight: dict[str, _Fetch] = {}
+        self._refreshed_at: dict[str, int] = {}
 
     async def get_verify_key(
         self, server_name: str, key_id: str, *, minimum_valid_until_ts: int
@@ -221,8 +226,21 @@ class Keyring:
         """
         record = await self._store.get_server_key(server_name, key_id)
         if record is None or usable_until(record) < minimum_valid_until_ts:
-            await self._refresh(server_name, {key_id: minimum_valid_until_ts})
-            record = await self._store.get_server_key(server_name, key_id)
+            # Anyone can name any server and key id in an X-Matrix header before a signature
+            # is checked; refetching a server's keys at most every few seconds keeps the
+            # gateway from being turned into a request cannon against it (or the notaries).
+            now = self._clock_ms()
+            last = self._refreshed_at.get(server_name)
+            if (
+                server_name in self._in_flight
+                or last is None
+                or now - last >= MIN_REFETCH_INTERVAL_MS
+            ):
+                if len(self._refreshed_at) > 10_000:
+                    self._refreshed_at.clear()
+                self._refreshed_at[server_name] = now
+                await self._refresh(server_name, {key_id: minimum_valid_until_ts})
+                record = await self._store.get_server_key(server_name, key_id)
         if record is None or usable_until(record) < minimum_valid_until_ts:
             raise KeyUnavailableError(server_name, key_id, minimum_valid_until_ts)
         return VerifyKeyWithExpiry(

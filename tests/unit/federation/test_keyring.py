@@ -18,7 +18,7 @@ from gateway.federation import (
     TrustedKeyServer,
     verify_server_keys_response,
 )
-from gateway.federation.keys import MAX_KEY_VALIDITY_MS
+from gateway.federation.keys import MAX_KEY_VALIDITY_MS, MIN_REFETCH_INTERVAL_MS
 from gateway.store import Store
 from tests.support.dns_server import LoopbackDnsServer
 from tests.unit.federation.support import (
@@ -164,8 +164,16 @@ async def test_expired_keys_are_refetched(
         )
     assert len(server.requests) == 2
     serve_keys(server, keys.response(T0 + 5 * HOUR))
+    # Asked again at once: no new fetch (a peer naming unknown keys cannot make the gateway
+    # hammer a server), so still refused.
+    with pytest.raises(KeyUnavailableError):
+        await keyring.get_verify_key(
+            keys.server_name, keys.key_id, minimum_valid_until_ts=clock.now
+        )
+    assert len(server.requests) == 2
+    clock.now += MIN_REFETCH_INTERVAL_MS
     key = await keyring.get_verify_key(
-        keys.server_name, keys.key_id, minimum_valid_until_ts=clock.now
+        keys.server_name, keys.key_id, minimum_valid_until_ts=T0 + 2 * HOUR
     )
     assert key.valid_until_ts == T0 + 5 * HOUR
     assert len(server.requests) == 3
