@@ -96,8 +96,12 @@ async def on_invite(ctx: InviteContext, rules: Rules) -> Decision:
                 problem = f"rooms created on {server} are not accepted"
                 break
     if problem is None and rules.allow_creator_servers:
-        allowed = ctx.create_event_verified and any(
-            rules.allow_creator_servers.match(s) for s in ctx.creator_servers
+        # Only the create event's sender signed it: additional creators it names (v12)
+        # never vouched for the room, so they cannot earn an allow.
+        allowed = (
+            ctx.create_event_verified
+            and bool(ctx.creator_servers)
+            and rules.allow_creator_servers.match(ctx.creator_servers[0])
         )
         if not allowed:
             problem = "only rooms created on approved servers are accepted"

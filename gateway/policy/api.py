@@ -295,6 +295,9 @@ class InviteContext:
     #: Servers of the room's creators: the create event's sender and, from room version 12,
     #: ``content.additional_creators``. Unless ``create_event_verified`` this was derived
     #: from what the inviting server claimed (stripped state, room ID) and may be false.
+    #: Even when verified, only the first entry (the sender's server) signed the create
+    #: event; the additional creators are named by it, and their servers never vouched for
+    #: the room. Allow-lists should look at the first entry only.
     creator_servers: tuple[str, ...]
     #: The stripped state sent with the invite, as sent: UNTRUSTED, the inviting server can
     #: put anything here (room name, join rules, a fake create event).

@@ -105,6 +105,10 @@ async def test_server_rules_creator_servers() -> None:
     # An allow rule needs a verified create event: a v2 invite only claims its creator.
     unverified = invite(create_event_verified=False, creator_servers=("trusted.example",))
     assert isinstance(await server_rules.on_invite(unverified, allow_rules), Deny)
+    # A v12 create event may name additional creators nobody on their servers agreed to:
+    # only the sender's server (signer of the create event) can earn an allow.
+    named = invite(create_event_verified=True, creator_servers=("evil.example", "trusted.example"))
+    assert isinstance(await server_rules.on_invite(named, allow_rules), Deny)
 
 
 async def test_server_rules_ip_literals() -> None:
