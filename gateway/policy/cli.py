@@ -160,6 +160,9 @@ def run_decisions(
             print(json.dumps(record.to_json(), sort_keys=True), file=out)
         else:
             print(_format_record(record), file=out)
+    if not records and not args.json:
+        # Said on standard error, so that the listing itself stays empty for scripts.
+        print("no decisions match", file=sys.stderr)
     return EXIT_OK
 
 
