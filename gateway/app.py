@@ -204,7 +204,7 @@ class PublicApp:
                 outcome = getattr(e, "kind", e.errcode)
             if status == 0:
                 response = Response.error(e)
-                if e.status in (408, 413) and scope.get("http_version") in ("1.0", "1.1"):
+                if e.status in (400, 408, 413) and scope.get("http_version") in ("1.0", "1.1"):
                     # The rest of the body is still on the wire: this connection is done.
                     response.headers.append((b"connection", b"close"))
                 await send_response(tracked_send, response, head=method == "HEAD")

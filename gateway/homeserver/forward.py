@@ -411,26 +411,43 @@ class _UpstreamPool:
             raise _Malformed()
         head = bytearray(method + b" " + target + b" HTTP/1.1\r\n")
         chunked = False
+        declared: int | None = None
         for k, v in headers:
             if not _TOKEN.fullmatch(k) or _BAD_VALUE.search(v):
                 raise _Malformed()
             if k == b"transfer-encoding":
                 chunked = True
+            elif k == b"content-length":
+                if declared is not None or not v.strip().isdigit():
+                    raise _Malformed()
+                declared = int(v)
             head += k + b": " + v + b"\r\n"
+        if chunked and declared is not None:
+            raise _Malformed()
         head += b"\r\n"
         connection = await self._take()
         try:
             try:
                 if isinstance(content, bytes):
+                    if declared is not None and declared != len(content):
+                        raise _Malformed()
                     await connection.send(bytes(head + content), self._read_timeout)
                 else:
                     await connection.send(bytes(head), self._read_timeout)
+                    sent = 0
                     async for chunk in content:
                         if not chunk:
                             continue
+                        sent += len(chunk)
+                        if declared is not None and sent > declared:
+                            # Bytes past the declared length would reach the homeserver as
+                            # the start of another request: never send them.
+                            raise _Malformed()
                         if chunked:
                             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
                         await connection.send(chunk, self._read_timeout)
+                    if declared is not None and sent != declared:
+                        raise _Malformed()
                     if chunked:
                         await connection.send(b"0\r\n\r\n", self._read_timeout)
             except _UpstreamError as e:
@@ -573,6 +590,14 @@ class Forwarder:
             target = target + b"?" + scope["query_string"]
         headers = self.upstream_headers(scope)
         incoming: Headers = scope.get("headers", [])
+        if any(k == b"transfer-encoding" for k, _ in incoming) and any(
+            k == b"content-length" for k, _ in incoming
+        ):
+            # RFC 9112 6.1: such a request "ought to be handled as an error"; passing either
+            # length on is how requests get smuggled past the gateway.
+            raise MatrixError(
+                400, Codes.UNKNOWN, "Request has both Content-Length and Transfer-Encoding"
+            )
         length = content_length(incoming, self._max_body)
         deadline = trio.current_time() + self.config.public.request_timeout
         content: bytes | AsyncIterator[bytes]

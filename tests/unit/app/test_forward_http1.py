@@ -628,6 +628,35 @@ async def test_header_injection_from_the_client_is_refused(
     assert fake.exchanges == []
 
 
+async def test_content_length_with_transfer_encoding_is_refused_not_smuggled(
+    tmp_path: Path, raw_homeserver: StartRaw, start_gateway: StartGateway
+) -> None:
+    # The chunked body decodes to more than Content-Length says: forwarding it with that
+    # length would make its tail a second request at the homeserver, one the gateway never
+    # routed (here, to the admin API it blocks).
+    fake = await raw_homeserver(fixed(OK))
+    base = await gateway_for(tmp_path, fake, start_gateway)
+    url = httpx.URL(base)
+    smuggled = b"GET /_synapse/admin/v1/server_version HTTP/1.1\r\nHost: x\r\n\r\n"
+    body = b"{}   " + smuggled
+    stream = await trio.open_tcp_stream(url.host, url.port or 80)
+    async with stream:
+        await stream.send_all(
+            b"PUT /_matrix/client/v3/x HTTP/1.1\r\nHost: hs.test\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+        )
+        answer = b""
+        with trio.fail_after(5):
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                answer += data
+    status = answer.split(b"\r\n", 1)[0]
+    assert status.startswith(b"HTTP/1.1 400"), answer
+    assert fake.exchanges == []
+
+
 async def test_folded_client_header_stays_one_header(
     tmp_path: Path, raw_homeserver: StartRaw, start_gateway: StartGateway
 ) -> None:
