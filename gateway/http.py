@@ -293,7 +293,10 @@ class Router:
         decoded = [unquote_to_bytes(s) if b"%" in s else s for s in raw_segments]
         for route in candidates:
             if route.method != method:
-                continue
+                # Synapse answers HEAD like GET; passed through, a HEAD would reach an owned
+                # GET endpoint (make_join, say) without the gateway's checks.
+                if not (method == "HEAD" and route.method == "GET"):
+                    continue
             for literal, segment in zip(route.literals, decoded, strict=True):
                 if literal is not None and segment != literal.encode("utf8"):
                     break
@@ -307,5 +310,7 @@ class Router:
                             raise MatrixError(
                                 400, Codes.INVALID_PARAM, f"{name} is not valid UTF-8"
                             ) from None
+                if method != route.method:
+                    raise MatrixError(405, Codes.UNRECOGNIZED, f"{method} is not supported here")
                 return RouteMatch(route, params)
         return None

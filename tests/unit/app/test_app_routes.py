@@ -40,6 +40,13 @@ def test_router_matches_raw_segments_and_decodes_params() -> None:
     with pytest.raises(MatrixError) as e:
         router.match("PUT", b"/_matrix/federation/v3/invite/%ff/y")
     assert e.value.errcode == Codes.INVALID_PARAM
+    # The homeserver answers HEAD like GET: a HEAD to an owned GET endpoint must not pass
+    # through unchecked, it is refused.
+    router.add("GET", "/_matrix/federation/v1/make_join/{roomId}/{userId}", _noop)
+    assert router.match("GET", b"/_matrix/federation/v1/make_join/!r:hs/@u:hs") is not None
+    with pytest.raises(MatrixError) as head:
+        router.match("HEAD", b"/_matrix/federation/v1/make_join/!r:hs/@u:hs")
+    assert head.value.status == 405
     with pytest.raises(ValueError):
         router.add("PUT", "/_matrix/federation/v3/invite/{a}/{b}", _noop)
     with pytest.raises(ValueError):
