@@ -401,13 +401,15 @@ def complete_send_join_answer(
     version: RoomVersion,
     server_name: str,
     signing_key: SigningKey,
+    granted: bool,
 ) -> dict[str, Any]:
     """The send_join answer with the join event in ``event``, signed by our server.
 
     A homeserver that still uses the unstable key has it moved to ``event``. When the join
     names a local authorising user and the homeserver did not sign (a homeserver without
-    restricted joins), the event is signed with the homeserver's key. An ``event`` that is not
-    the join that was sent is an error (502).
+    restricted joins), the event is signed with the homeserver's key, but only if
+    ``granted``: this gateway's make_join handed out that authorising user to that origin.
+    An ``event`` that is not the join that was sent is an error (502).
     """
     answer = dict(answer)
     event = answer.get("event")
@@ -427,6 +429,12 @@ def complete_send_join_answer(
     if not same:
         raise MatrixError(502, Codes.UNKNOWN, "The homeserver answered with a different event")
     if _server_of(authoriser) == server_name and not _is_signed_by(event, server_name, signing_key):
+        if not granted:
+            raise MatrixError(
+                502,
+                Codes.UNKNOWN,
+                "The homeserver did not sign the join, and this server did not grant it",
+            )
         event = sign_event(event, version, server_name, signing_key)
     answer["event"] = event
     return answer
@@ -729,6 +737,12 @@ async def _send_join(request: Request, *, v1: bool) -> Response:
         version=version,
         server_name=deps.server_name,
         signing_key=deps.signing_key,
+        granted=(
+            record is not None
+            and record.origin == origin
+            and record.authorising_user is not None
+            and record.authorising_user == authoriser
+        ),
     )
     if completed == body:
         return response

@@ -144,6 +144,7 @@ def test_join_event_returned_in_the_event_field_signed_by_the_resident_server() 
         version=get_room_version(version),
         server_name=HERE,
         signing_key=our_key,
+        granted=True,
     )
     assert UNSTABLE_EVENT_KEY not in answer
     returned = answer["event"]

@@ -429,6 +429,18 @@ async def test_send_join_answer_carries_the_event_signed_by_our_server(
     assert sent[1] == uri
 
 
+async def test_send_join_is_not_signed_for_a_grant_this_server_did_not_make(setup: Setup) -> None:
+    # The homeserver does not sign; the gateway adds our signature only for an authorising
+    # user its own make_join handed to this origin. Without that record: refused.
+    setup.homeserver.send_join_answer = lambda event: {"state": [], "auth_chain": []}
+    event_id, event = signed_join(await _template(setup))
+    await setup.store.kv_delete(MAKE_JOIN_NAMESPACE, json.dumps([ROOM, JOINER]))
+    uri = f"/_matrix/federation/v2/send_join/{q(ROOM)}/{q(event_id)}"
+    response = await signed_request(setup.gateway, "PUT", uri, event)
+    assert response.status_code == 502, response.text
+    assert HS not in response.text
+
+
 def _tampered(event: dict[str, Any], how: str) -> dict[str, Any]:
     event = copy.deepcopy(event)
     if how == "content":
