@@ -663,8 +663,10 @@ async def _send_join(request: Request, *, v1: bool) -> Response:
             MAKE_JOIN_NAMESPACE, _record_key(room_id, sender), now_ts=now
         )
         record = MakeJoinRecord.from_json(stored) if stored is not None else None
-    prev_events = event.get("prev_events") if isinstance(event, dict) else None
-    at = [e for e in prev_events if isinstance(e, str)][:1] if isinstance(prev_events, list) else []
+    # The room's current state, not the state at the event's prev_events: those are the
+    # joining server's choice, and an old point in the room's history (before it became
+    # restricted, or while the authoriser still had power) must not decide.
+    at: list[str] = []
     state: RoomState | None = None
     if record is not None and record.origin == origin:
         room_version = record.room_version
@@ -684,11 +686,10 @@ async def _send_join(request: Request, *, v1: bool) -> Response:
     )
 
     authoriser = event["content"].get(AUTHORISING_USER)
+    if not version.restricted_join:
+        # Before room version 8 the key means nothing (the spec gives it no role there).
+        authoriser = None
     if authoriser is not None:
-        if not version.restricted_join:
-            raise MatrixError(
-                400, Codes.BAD_JSON, f"{AUTHORISING_USER} is not used in this room version"
-            )
         if _server_of(authoriser) != deps.server_name:
             raise MatrixError(
                 400,
@@ -721,6 +722,11 @@ async def _send_join(request: Request, *, v1: bool) -> Response:
     response = await request.forward()
     if response.status != 200:
         return response
+    # The membership just changed: the next restricted join that names this room as an
+    # allowed room must see it.
+    forget = getattr(deps.state, "forget_latest", None)
+    if forget is not None:
+        forget(room_id)
     answer = _json_body(response)
     if v1:
         if not (isinstance(answer, list) and len(answer) == 2 and isinstance(answer[1], dict)):

@@ -148,6 +148,10 @@ class HomeserverStateReader:
 
     # -- the federation calls ------------------------------------------------------------
 
+    def forget_latest(self, room_id: str) -> None:
+        """The room just changed (a join went through): read its newest event afresh."""
+        self._latest.pop(room_id, None)
+
     async def latest_event_id(self, room_id: str) -> str | None:
         """The room's newest event, or None when the homeserver is not in the room."""
         cached = self._latest.get(room_id)
