@@ -180,7 +180,18 @@ class PublicApp:
                     path_params=match.params,
                     route=route,
                 )
-                response = await match.route.handler(request)
+                # Every owned endpoint ends in bounded time, however many keys, state reads
+                # and homeserver calls it needs.
+                limit = services.config.public.request_timeout + (
+                    services.config.homeserver.read_timeout
+                )
+                try:
+                    with trio.fail_after(limit):
+                        response = await match.route.handler(request)
+                except trio.TooSlowError:
+                    raise MatrixError(
+                        504, Codes.UNKNOWN, "The request took too long", retry_after_ms=5000
+                    ) from None
                 await send_response(tracked_send, response, head=method == "HEAD")
             else:
                 route = self.classify(raw_path)
