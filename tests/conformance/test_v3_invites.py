@@ -30,6 +30,7 @@ from gateway.homeserver.synapse import RegisteredUser, free_port
 from gateway.homeserver.synapse import register_user as register
 from gateway.notary.keys import DelegationKeys, load_or_create_secret
 from tests.integration.test_v3_invites import invite_in_sync
+from tests.support.client_api import invites_now
 from tests.support.pdus import RemoteRoom, event_id_of, make_remote_room, sign_pdu
 from tests.support.remote_server import RemoteServer, x_matrix_authorization
 
@@ -89,17 +90,6 @@ def v2_invite_lines(stack: Stack, room_id: str) -> list[str]:
         for line in text.splitlines()
         if "/_matrix/federation/v2/invite/" in line and any(f in line for f in forms)
     ]
-
-
-def invites_now(client: httpx.Client, user: RegisteredUser) -> dict[str, Any]:
-    sync = client.get(
-        "/_matrix/client/v3/sync",
-        params={"timeout": "0"},
-        headers={"Authorization": f"Bearer {user.access_token}"},
-    )
-    assert sync.status_code == 200, sync.text
-    invites: dict[str, Any] = sync.json().get("rooms", {}).get("invite", {})
-    return invites
 
 
 def assert_nothing_reached_homeserver(

@@ -9,21 +9,15 @@ it builds from the templates Synapse hands out.
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pytest
-import trio
 
-from gateway.app import PUBLIC_ROUTES, serve
-from gateway.config import BindAddress, load_config
 from gateway.demo import Stack
 from gateway.errors import MatrixError
 from gateway.features import knocks
@@ -31,6 +25,8 @@ from gateway.homeserver.synapse import RegisteredUser
 from gateway.http import Router
 from gateway.policy.api import KnockContext
 from gateway.services import Services
+from tests.support.client_api import create_room
+from tests.support.inprocess_gateway import gateway_thread, q
 from tests.support.pdus import event_id_of, sign_pdu
 from tests.support.remote_server import RemoteServer
 
@@ -44,18 +40,12 @@ REFUSED_AT_MAKE = "refused-make"
 REFUSED_AT_SEND = "refused-send"
 
 
-def q(identifier: str) -> str:
-    return quote(identifier, safe="")
-
-
 # --- the gateway with the knock routes, in this process -------------------------------------
 
 
 @dataclass
 class KnocksGateway:
     url: str
-    token: trio.lowlevel.TrioToken
-    stop: trio.Event
     #: Every context the test policy was asked with (appended from the gateway's thread).
     asked: list[KnockContext]
 
@@ -74,52 +64,19 @@ def knocks_gateway(
     stack: Stack, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[KnocksGateway]:
     db_path = tmp_path_factory.mktemp("knocks") / "gateway.db"
-    ready: queue.Queue[KnocksGateway | BaseException] = queue.Queue()
     asked: list[KnockContext] = []
 
     def with_test_policy(router: Router, services: Services) -> None:
         services.extra["knock_policy"] = partial(_test_policy, asked)
 
-    async def main() -> None:
-        config = load_config(stack.gateway_config_path)
-        config = replace(
-            config,
-            public=replace(config.public, bind=BindAddress("127.0.0.1", 0)),
-            internal=replace(config.internal, bind=BindAddress("127.0.0.1", 0)),
-            # Its own database: the gateway process of the stack keeps the stack's.
-            store=replace(config.store, sqlite_path=db_path),
-        )
-        stop = trio.Event()
-        # Once the lead lists the knock routes in PUBLIC_ROUTES they are there already.
-        routes = [] if knocks.install in PUBLIC_ROUTES else [knocks.install]
-        async with trio.open_nursery() as nursery:
-            listening = await nursery.start(
-                partial(
-                    serve,
-                    config,
-                    public_routes=[*routes, with_test_policy],
-                    shutdown_trigger=stop.wait,
-                )
-            )
-            token = trio.lowlevel.current_trio_token()
-            ready.put(KnocksGateway(listening.public_url, token, stop, asked))
-
-    def run() -> None:
-        try:
-            trio.run(main)
-        except BaseException as e:  # reported to the fixture, which fails loudly
-            ready.put(e)
-
-    thread = threading.Thread(target=run, name="knocks-gateway", daemon=True)
-    thread.start()
-    started = ready.get(timeout=60)
-    if isinstance(started, BaseException):
-        raise started
-    try:
-        yield started
-    finally:
-        trio.from_thread.run_sync(started.stop.set, trio_token=started.token)
-        thread.join(15)
+    with gateway_thread(
+        stack.gateway_config_path,
+        db_path,
+        knocks.install,
+        extra_routes=[with_test_policy],
+        name="knocks-gateway",
+    ) as url:
+        yield KnocksGateway(url, asked)
 
 
 @pytest.fixture
@@ -137,20 +94,8 @@ def alice(register_user: Callable[..., RegisteredUser]) -> RegisteredUser:
 
 
 def knock_room(stack: Stack, user: RegisteredUser) -> str:
-    response = httpx.post(
-        f"{stack.homeserver_url}/_matrix/client/v3/createRoom",
-        json={
-            "room_version": VERSION,
-            "initial_state": [
-                {"type": "m.room.join_rules", "state_key": "", "content": {"join_rule": "knock"}}
-            ],
-        },
-        headers={"Authorization": f"Bearer {user.access_token}"},
-        timeout=TIMEOUT,
-    )
-    assert response.status_code == 200, response.text
-    room_id: str = response.json()["room_id"]
-    return room_id
+    join_rules = {"type": "m.room.join_rules", "state_key": "", "content": {"join_rule": "knock"}}
+    return create_room(stack, user, room_version=VERSION, initial_state=[join_rules])
 
 
 def membership(stack: Stack, user: RegisteredUser, room_id: str, member: str) -> str | None:

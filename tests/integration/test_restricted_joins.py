@@ -10,32 +10,27 @@ events with Synapse's own event code from the templates Synapse hands out.
 from __future__ import annotations
 
 import copy
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import signedjson.key
-import trio
 from signedjson.sign import verify_signed_json
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 from synapse.events import make_event_from_dict
 from synapse.events.utils import prune_event
 
-from gateway.app import PUBLIC_ROUTES, serve
-from gateway.config import BindAddress, load_config
 from gateway.demo import Stack
 from gateway.errors import MatrixError
 from gateway.features import joins
 from gateway.features.joins import AUTHORISING_USER, decide_join
 from gateway.homeserver.state import HomeserverStateReader
 from gateway.homeserver.synapse import RegisteredUser
+from tests.support import client_api
+from tests.support.inprocess_gateway import gateway_thread, q
 from tests.support.pdus import event_id_of, sign_pdu
 from tests.support.remote_server import ReceivedRequest, RemoteServer
 
@@ -45,60 +40,16 @@ TIMEOUT = httpx.Timeout(30.0)
 VERSION = "10"
 
 
-def q(identifier: str) -> str:
-    return quote(identifier, safe="")
-
-
 # --- the gateway with the join routes, in this process --------------------------------------
-
-
-@dataclass
-class JoinsGateway:
-    url: str
-    token: trio.lowlevel.TrioToken
-    stop: trio.Event
 
 
 @pytest.fixture(scope="module")
 def joins_gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     db_path = tmp_path_factory.mktemp("joins") / "gateway.db"
-    ready: queue.Queue[JoinsGateway | BaseException] = queue.Queue()
-
-    async def main() -> None:
-        config = load_config(stack.gateway_config_path)
-        config = replace(
-            config,
-            public=replace(config.public, bind=BindAddress("127.0.0.1", 0)),
-            internal=replace(config.internal, bind=BindAddress("127.0.0.1", 0)),
-            # Its own database: the gateway process of the stack keeps the stack's.
-            store=replace(config.store, sqlite_path=db_path),
-        )
-        stop = trio.Event()
-        # Once the lead lists the join routes in PUBLIC_ROUTES they are there already.
-        routes = [] if joins.install in PUBLIC_ROUTES else [joins.install]
-
-        async with trio.open_nursery() as nursery:
-            listening = await nursery.start(
-                partial(serve, config, public_routes=routes, shutdown_trigger=stop.wait)
-            )
-            ready.put(JoinsGateway(listening.public_url, trio.lowlevel.current_trio_token(), stop))
-
-    def run() -> None:
-        try:
-            trio.run(main)
-        except BaseException as e:  # reported to the fixture, which fails loudly
-            ready.put(e)
-
-    thread = threading.Thread(target=run, name="joins-gateway", daemon=True)
-    thread.start()
-    started = ready.get(timeout=60)
-    if isinstance(started, BaseException):
-        raise started
-    try:
-        yield started.url
-    finally:
-        trio.from_thread.run_sync(started.stop.set, trio_token=started.token)
-        thread.join(15)
+    with gateway_thread(
+        stack.gateway_config_path, db_path, joins.install, name="joins-gateway"
+    ) as url:
+        yield url
 
 
 @pytest.fixture
@@ -144,15 +95,7 @@ def alice(register_user: Callable[..., RegisteredUser]) -> RegisteredUser:
 
 
 def create_room(stack: Stack, user: RegisteredUser, **body: Any) -> str:
-    response = httpx.post(
-        f"{stack.homeserver_url}/_matrix/client/v3/createRoom",
-        json={"room_version": VERSION, **body},
-        headers={"Authorization": f"Bearer {user.access_token}"},
-        timeout=TIMEOUT,
-    )
-    assert response.status_code == 200, response.text
-    room_id: str = response.json()["room_id"]
-    return room_id
+    return client_api.create_room(stack, user, **{"room_version": VERSION, **body})
 
 
 def restricted_room(stack: Stack, user: RegisteredUser, allow: list[str], rule: str) -> str:

@@ -15,23 +15,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote
+from urllib.parse import parse_qs, unquote
 
 import httpx
 import pytest
 import signedjson.key
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 from signedjson.sign import verify_signed_json
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 from synapse.events import make_event_from_dict
 from synapse.events.utils import prune_event
 
-from gateway.app import PUBLIC_ROUTES, Listening, serve
-from gateway.config import parse_config
 from gateway.errors import MatrixError
 from gateway.features.joins import (
     AUTHORISING_USER,
@@ -39,23 +34,28 @@ from gateway.features.joins import (
     UNSTABLE_EVENT_KEY,
     register,
 )
-from gateway.http import Router
 from gateway.policy.api import JoinContext
 from gateway.services import Services
 from gateway.store import Store
+from tests.support.inprocess_gateway import (
+    HS,
+    HS_KEY,
+    REMOTE,
+    REMOTE_KEY,
+    FakeHomeserverApp,
+    HomeserverRequest,
+    gateway_in_front_of,
+    q,
+    signed_as,
+    signed_request,
+)
 from tests.support.pdus import event_id_of, sign_pdu
-from tests.support.remote_server import x_matrix_authorization
 
-HS = "hs.test"
-REMOTE = "remote.test"
 VERSION = "10"
 ROOM = "!restricted:hs.test"
 PUBLIC = "!public:hs.test"
 ALICE = "@alice:hs.test"
 JOINER = "@joiner:remote.test"
-
-HS_KEY = signedjson.key.generate_signing_key("hs1")
-REMOTE_KEY = signedjson.key.generate_signing_key("r1")
 
 
 def _state_event(room_id: str, kind: str, state_key: str, content: Any, n: int) -> dict[str, Any]:
@@ -83,10 +83,9 @@ def room_events(room_id: str, join_rules: dict[str, Any], members: dict[str, str
 
 
 @dataclass
-class FakeHomeserver:
+class FakeHomeserver(FakeHomeserverApp):
     """A homeserver without MSC3083: answers make_join and send_join, serves state to itself."""
 
-    url: str = ""
     #: room ID -> state events; the last one is the room's "newest event".
     rooms: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     template_content: dict[str, Any] = field(default_factory=lambda: {"membership": "join"})
@@ -97,18 +96,6 @@ class FakeHomeserver:
     seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     state_reads_signed_by_us: int = 0
 
-    def _signed_by_homeserver(self, method: str, target: str, headers: dict[str, str]) -> bool:
-        auth = headers.get("authorization", "")
-        params = dict(p.split("=", 1) for p in auth.removeprefix("X-Matrix ").split(","))
-        params = {k: v.strip('"') for k, v in params.items()}
-        request = {"method": method, "uri": target, "origin": params["origin"], "destination": HS}
-        request["signatures"] = {params["origin"]: {params["key"]: params["sig"]}}
-        try:
-            verify_signed_json(request, HS, signedjson.key.get_verify_key(HS_KEY))
-        except Exception:
-            return False
-        return params["origin"] == HS and params.get("destination") == HS
-
     def _event(self, event_id: str) -> dict[str, Any] | None:
         for events in self.rooms.values():
             for event in events:
@@ -116,43 +103,17 @@ class FakeHomeserver:
                     return event
         return None
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                done = message["type"] == "lifespan.shutdown"
-                await send({"type": message["type"] + ".complete"})
-                if done:
-                    return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
-        raw = scope["raw_path"].decode()
-        query = scope["query_string"].decode()
-        target = raw + ("?" + query if query else "")
-        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-        self.seen.append((scope["method"], target, headers))
-        status, answer = self.answer(scope["method"], raw, query, headers, target, body)
-        data = json.dumps(answer).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": data})
+    def handle(self, request: HomeserverRequest) -> tuple[int, bytes]:
+        self.seen.append((request.method, request.target, request.headers))
+        status, answer = self.answer(request)
+        return status, json.dumps(answer).encode()
 
-    def answer(
-        self, method: str, raw: str, query: str, headers: dict[str, str], target: str, body: bytes
-    ) -> tuple[int, Any]:
+    def answer(self, request: HomeserverRequest) -> tuple[int, Any]:
+        raw = request.raw_path
         parts = [unquote(p) for p in raw.split("/")]
-        args = parse_qs(query)
+        args = parse_qs(request.query)
         if "/state/" in raw or "/event/" in raw or "/timestamp_to_event/" in raw:
-            if not self._signed_by_homeserver(method, target, headers):
+            if not signed_as(request, HS, HS_KEY, destination_required=True):
                 return 401, {"errcode": "M_UNAUTHORIZED", "error": "bad signature"}
             self.state_reads_signed_by_us += 1
         if raw.startswith("/_matrix/federation/v1/make_join/"):
@@ -170,7 +131,7 @@ class FakeHomeserver:
             }
             return 200, {"event": template, "room_version": VERSION}
         if "/send_join/" in raw:
-            answer = self.send_join_answer(json.loads(body))
+            answer = self.send_join_answer(json.loads(request.body))
             return 200, ([200, answer] if "/v1/" in raw else answer)
         if raw.startswith("/_matrix/federation/v1/timestamp_to_event/"):
             events = self.rooms.get(parts[-1])
@@ -192,15 +153,6 @@ class FakeHomeserver:
         return 404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}
 
 
-class FakeKeyring:
-    async def get_verify_key(
-        self, server_name: str, key_id: str, *, minimum_valid_until_ts: int
-    ) -> Any:
-        if (server_name, key_id) == (REMOTE, f"ed25519:{REMOTE_KEY.version}"):
-            return SimpleNamespace(verify_key=signedjson.key.get_verify_key(REMOTE_KEY))
-        raise MatrixError(401, "M_UNAUTHORIZED", "unknown key")
-
-
 @dataclass
 class Setup:
     homeserver: FakeHomeserver
@@ -218,72 +170,10 @@ async def setup(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Setup]:
         {},
     )
     fake.rooms[PUBLIC] = room_events(PUBLIC, {"join_rule": "public"}, {JOINER: "join"})
-    hc = HypercornConfig()
-    hc.bind = ["127.0.0.1:0"]
-    hc.accesslog = None
-    hc.graceful_timeout = 0.1
-    binds = await nursery.start(hypercorn_serve, fake, hc)
-    fake.url = binds[0]
-
-    key_path = tmp_path / "hs.signing.key"
-    key_path.write_text(
-        f"ed25519 {HS_KEY.version} {signedjson.key.encode_signing_key_base64(HS_KEY)}\n"
-    )
-    config = parse_config(
-        {
-            "server": {"server_name": HS, "signing_key_path": str(key_path)},
-            "homeserver": {"url": fake.url, "connect_timeout": 2.0, "read_timeout": 5.0},
-            "public": {"bind": "127.0.0.1:0"},
-            "internal": {"bind": "127.0.0.1:0"},
-            "log": {"format": "json"},
-        },
-        base_dir=tmp_path,
-    )
-    installed: list[Services] = []
-
-    def install(router: Router, services: Services) -> None:
-        services.keyring = FakeKeyring()  # type: ignore[assignment]
-        installed.append(services)
-        # The app routes joins itself; only an app without them needs the routes added.
-        if not any(getattr(i, "__module__", "") == register.__module__ for i in PUBLIC_ROUTES):
-            register(router)
-
-    listening: Listening = await nursery.start(
-        lambda task_status: serve(config, public_routes=[install], task_status=task_status)
-    )
-    async with httpx.AsyncClient(base_url=listening.public_url, timeout=10) as client:
-        store = installed[0].store
+    async with gateway_in_front_of(nursery, tmp_path, fake, register) as gateway:
+        store = gateway.services.store
         assert store is not None
-        yield Setup(fake, client, store, installed[0])
-
-
-def q(identifier: str) -> str:
-    return quote(identifier, safe="")
-
-
-async def signed_request(
-    client: httpx.AsyncClient,
-    method: str,
-    uri: str,
-    content: Any = None,
-    *,
-    destination: str = HS,
-    key: Any = REMOTE_KEY,
-) -> httpx.Response:
-    authorization = x_matrix_authorization(
-        method=method,
-        uri=uri,
-        origin=REMOTE,
-        destination=destination,
-        signing_key=key,
-        content=content,
-    )
-    body = json.dumps(content).encode() if content is not None else None
-    request = client.build_request(
-        method, uri, headers={"Authorization": authorization}, content=body
-    )
-    request.url = request.url.copy_with(raw_path=uri.encode("ascii"))
-    return await client.send(request)
+        yield Setup(fake, gateway.client, store, gateway.services)
 
 
 def make_join_uri(room_id: str = ROOM, user_id: str = JOINER) -> str:

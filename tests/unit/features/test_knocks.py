@@ -12,36 +12,36 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import httpx
 import pytest
 import signedjson.key
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
-from signedjson.sign import verify_signed_json
 
-from gateway.app import PUBLIC_ROUTES, Listening, serve
-from gateway.config import parse_config
 from gateway.errors import MatrixError
 from gateway.features.knocks import check_knock_event, register
-from gateway.http import Router
 from gateway.policy.api import KnockContext
 from gateway.services import Services
+from tests.support.inprocess_gateway import (
+    HS,
+    HS_KEY,
+    REMOTE,
+    REMOTE_KEY,
+    FakeHomeserverApp,
+    HomeserverRequest,
+    gateway_in_front_of,
+    q,
+    signed_as,
+    signed_request,
+)
 from tests.support.remote_server import x_matrix_authorization
 
-HS = "hs.test"
-REMOTE = "remote.test"
 VERSION = "7"
 ROOM = "!knockable:hs.test"
 ALICE = "@alice:hs.test"
 KNOCKER = "@knocker:remote.test"
-
-HS_KEY = signedjson.key.generate_signing_key("hs1")
-REMOTE_KEY = signedjson.key.generate_signing_key("r1")
 
 # Deliberately not what json.dumps would produce: spaces, key order, a trailing newline.
 MAKE_KNOCK_ANSWER = (
@@ -70,76 +70,21 @@ ROOM_EVENTS = [
 
 
 @dataclass
-class Seen:
-    method: str
-    target: str
-    headers: dict[str, str]
-    body: bytes
+class FakeHomeserver(FakeHomeserverApp):
+    seen: list[HomeserverRequest] = field(default_factory=list)
 
-
-@dataclass
-class FakeHomeserver:
-    url: str = ""
-    seen: list[Seen] = field(default_factory=list)
-
-    def knock_requests(self) -> list[Seen]:
+    def knock_requests(self) -> list[HomeserverRequest]:
         return [s for s in self.seen if "_knock/" in s.target]
 
-    def _signed_by_homeserver(self, method: str, target: str, headers: dict[str, str]) -> bool:
-        auth = headers.get("authorization", "")
-        params = dict(p.split("=", 1) for p in auth.removeprefix("X-Matrix ").split(","))
-        params = {k: v.strip('"') for k, v in params.items()}
-        request: dict[str, Any] = {
-            "method": method,
-            "uri": target,
-            "origin": params["origin"],
-            "destination": HS,
-        }
-        request["signatures"] = {params["origin"]: {params["key"]: params["sig"]}}
-        try:
-            verify_signed_json(request, HS, signedjson.key.get_verify_key(HS_KEY))
-        except Exception:
-            return False
-        return params["origin"] == HS
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                done = message["type"] == "lifespan.shutdown"
-                await send({"type": message["type"] + ".complete"})
-                if done:
-                    return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
-        raw = scope["raw_path"].decode()
-        query = scope["query_string"].decode()
-        target = raw + ("?" + query if query else "")
-        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-        self.seen.append(Seen(scope["method"], target, headers, body))
-        status, data = self.answer(scope["method"], raw, headers, target)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": data})
-
-    def answer(
-        self, method: str, raw: str, headers: dict[str, str], target: str
-    ) -> tuple[int, bytes]:
+    def handle(self, request: HomeserverRequest) -> tuple[int, bytes]:
+        self.seen.append(request)
+        raw = request.raw_path
         parts = [unquote(p) for p in raw.split("/")]
         if raw.startswith("/_matrix/federation/v1/make_knock/"):
             return 200, MAKE_KNOCK_ANSWER
         if raw.startswith("/_matrix/federation/v1/send_knock/"):
             return 200, SEND_KNOCK_ANSWER
-        if not self._signed_by_homeserver(method, target, headers):
+        if not signed_as(request, HS, HS_KEY):
             return 401, b'{"errcode": "M_UNAUTHORIZED", "error": "bad signature"}'
         known = parts[-1] == ROOM if "/event/" not in raw else True
         if not known:
@@ -156,15 +101,6 @@ class FakeHomeserver:
         return 404, b'{"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}'
 
 
-class FakeKeyring:
-    async def get_verify_key(
-        self, server_name: str, key_id: str, *, minimum_valid_until_ts: int
-    ) -> Any:
-        if (server_name, key_id) == (REMOTE, f"ed25519:{REMOTE_KEY.version}"):
-            return SimpleNamespace(verify_key=signedjson.key.get_verify_key(REMOTE_KEY))
-        raise MatrixError(401, "M_UNAUTHORIZED", "unknown key")
-
-
 @dataclass
 class Setup:
     homeserver: FakeHomeserver
@@ -175,72 +111,8 @@ class Setup:
 @pytest.fixture
 async def setup(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Setup]:
     fake = FakeHomeserver()
-    hc = HypercornConfig()
-    hc.bind = ["127.0.0.1:0"]
-    hc.accesslog = None
-    hc.graceful_timeout = 0.1
-    binds = await nursery.start(hypercorn_serve, fake, hc)
-    fake.url = binds[0]
-
-    key_path = tmp_path / "hs.signing.key"
-    key_path.write_text(
-        f"ed25519 {HS_KEY.version} {signedjson.key.encode_signing_key_base64(HS_KEY)}\n"
-    )
-    config = parse_config(
-        {
-            "server": {"server_name": HS, "signing_key_path": str(key_path)},
-            "homeserver": {"url": fake.url, "connect_timeout": 2.0, "read_timeout": 5.0},
-            "public": {"bind": "127.0.0.1:0"},
-            "internal": {"bind": "127.0.0.1:0"},
-            "log": {"format": "json"},
-        },
-        base_dir=tmp_path,
-    )
-    installed: list[Services] = []
-
-    def install(router: Router, services: Services) -> None:
-        services.keyring = FakeKeyring()  # type: ignore[assignment]
-        installed.append(services)
-        # Once the app lists the knock routes itself, adding them again is not needed.
-        if not any(getattr(i, "__module__", "") == register.__module__ for i in PUBLIC_ROUTES):
-            register(router)
-
-    listening: Listening = await nursery.start(
-        lambda task_status: serve(config, public_routes=[install], task_status=task_status)
-    )
-    async with httpx.AsyncClient(base_url=listening.public_url, timeout=10) as client:
-        yield Setup(fake, client, installed[0])
-
-
-def q(identifier: str) -> str:
-    return quote(identifier, safe="")
-
-
-async def signed_request(
-    client: httpx.AsyncClient,
-    method: str,
-    uri: str,
-    content: Any = None,
-    *,
-    destination: str = HS,
-    key: Any = REMOTE_KEY,
-    body: bytes | None = None,
-) -> httpx.Response:
-    authorization = x_matrix_authorization(
-        method=method,
-        uri=uri,
-        origin=REMOTE,
-        destination=destination,
-        signing_key=key,
-        content=content,
-    )
-    if body is None and content is not None:
-        body = json.dumps(content).encode()
-    request = client.build_request(
-        method, uri, headers={"Authorization": authorization}, content=body
-    )
-    request.url = request.url.copy_with(raw_path=uri.encode("ascii"))
-    return await client.send(request)
+    async with gateway_in_front_of(nursery, tmp_path, fake, register) as gateway:
+        yield Setup(fake, gateway.client, gateway.services)
 
 
 # Percent-encoding the peer chose (lower-case hex, an encoded "!" left as is would also do):
