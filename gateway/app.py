@@ -27,7 +27,7 @@ import posixpath
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -77,7 +77,7 @@ __all__ = [
 RouteInstaller = Callable[[Router, Services], None]
 
 #: Owned endpoints on the public listener. Feature modules add their installer here.
-PUBLIC_ROUTES: list[RouteInstaller] = [invites.install, keys.install, joins.install, knocks.install]
+PUBLIC_ROUTES: list[RouteInstaller] = [invites.install, joins.install, knocks.install]
 #: Endpoints on the internal listener besides /health and /metrics (the notary).
 INTERNAL_ROUTES: list[RouteInstaller] = [notary_routes.install]
 
@@ -148,6 +148,24 @@ class PublicApp:
             return "passthrough"
         return "not_found"
 
+    def _request(
+        self,
+        scope: Scope,
+        receive: Receive,
+        request_id: str,
+        route: str,
+        params: Mapping[str, str],
+    ) -> Request:
+        return Request(
+            scope,
+            receive,
+            services=self.services,
+            request_id=request_id,
+            log=_log.bind(request_id=request_id, route=route),
+            path_params=params,
+            route=route,
+        )
+
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         request_id = new_request_id()
@@ -171,15 +189,7 @@ class PublicApp:
             match = self.router.match(method, raw_path)
             if match is not None:
                 route = match.route.name
-                request = Request(
-                    scope,
-                    receive,
-                    services=services,
-                    request_id=request_id,
-                    log=_log.bind(request_id=request_id, route=route),
-                    path_params=match.params,
-                    route=route,
-                )
+                request = self._request(scope, receive, request_id, route, match.params)
                 # Every owned endpoint ends in bounded time, however many keys, state reads
                 # and homeserver calls it needs.
                 limit = services.config.public.request_timeout + (
@@ -196,14 +206,7 @@ class PublicApp:
             else:
                 route = self.classify(raw_path)
                 if route == "key_query":
-                    request = Request(
-                        scope,
-                        receive,
-                        services=services,
-                        request_id=request_id,
-                        log=_log.bind(request_id=request_id, route=route),
-                        route=route,
-                    )
+                    request = self._request(scope, receive, request_id, route, {})
                     response = await keys.on_key_query(request)
                     await send_response(tracked_send, response, head=method == "HEAD")
                 elif route == "passthrough" or route == "admin":

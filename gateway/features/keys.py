@@ -13,11 +13,8 @@ import json
 from typing import Any
 
 from gateway.errors import Codes, MatrixError
-from gateway.http import Request, Response, Router
+from gateway.http import Request, Response
 from gateway.notary.keys import DELEGATION_KEY_PREFIX, server_keys_carry_delegation_key
-from gateway.services import Services
-
-KEY_QUERY_PATHS = ("/_matrix/key/v2/query",)
 
 
 def filter_key_query_body(body: bytes) -> tuple[bytes, int]:
@@ -45,7 +42,8 @@ def filter_key_query_body(body: bytes) -> tuple[bytes, int]:
 
 
 async def on_key_query(request: Request) -> Response:
-    """Forwards a public key query to the homeserver and filters its answer."""
+    """Forwards a request under ``/_matrix/key/`` to the homeserver and filters its answer
+    (the public listener sends every such path here, whatever its shape)."""
     headers = [
         (k, v)
         for k, v in request.services.forwarder.upstream_headers(request.scope)
@@ -61,8 +59,3 @@ async def on_key_query(request: Request) -> Response:
         answer.body = body
         answer.headers = [(k, v) for k, v in answer.headers if k.lower() != b"content-length"]
     return answer
-
-
-def install(router: Router, services: Services) -> None:
-    router.add("POST", "/_matrix/key/v2/query", on_key_query, name="key_query")
-    router.add("GET", "/_matrix/key/v2/query/{serverName}", on_key_query, name="key_query")

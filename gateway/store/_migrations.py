@@ -25,6 +25,40 @@ class Migration:
         return self.statements
 
 
+def _policy_tables(id_column: str) -> tuple[str, ...]:
+    """Migration 2's tables; the backends differ only in how the audit row id is made."""
+    return (
+        f"""
+        CREATE TABLE policy_audit (
+            id {id_column},
+            ts BIGINT NOT NULL,
+            point TEXT NOT NULL,
+            origin TEXT NOT NULL,
+            room_id TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            target TEXT,
+            policy TEXT NOT NULL,
+            decision TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            errcode TEXT,
+            status INTEGER,
+            request_id TEXT NOT NULL,
+            mode TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX policy_audit_ts ON policy_audit (ts)",
+        """
+        CREATE TABLE policy_rate_limits (
+            bucket TEXT PRIMARY KEY,
+            tokens DOUBLE PRECISION NOT NULL,
+            updated_ts BIGINT NOT NULL,
+            full_ts BIGINT NOT NULL
+        )
+        """,
+        "CREATE INDEX policy_rate_limits_full_ts ON policy_rate_limits (full_ts)",
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         version=1,
@@ -58,66 +92,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         version=2,
         description="policy decisions audit log; policy rate-limit token buckets",
-        statements=(
-            """
-            CREATE TABLE policy_audit (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                ts BIGINT NOT NULL,
-                point TEXT NOT NULL,
-                origin TEXT NOT NULL,
-                room_id TEXT NOT NULL,
-                sender TEXT NOT NULL,
-                target TEXT,
-                policy TEXT NOT NULL,
-                decision TEXT NOT NULL,
-                reason TEXT NOT NULL,
-                errcode TEXT,
-                status INTEGER,
-                request_id TEXT NOT NULL,
-                mode TEXT NOT NULL
-            )
-            """,
-            "CREATE INDEX policy_audit_ts ON policy_audit (ts)",
-            """
-            CREATE TABLE policy_rate_limits (
-                bucket TEXT PRIMARY KEY,
-                tokens DOUBLE PRECISION NOT NULL,
-                updated_ts BIGINT NOT NULL,
-                full_ts BIGINT NOT NULL
-            )
-            """,
-            "CREATE INDEX policy_rate_limits_full_ts ON policy_rate_limits (full_ts)",
-        ),
-        postgres_statements=(
-            """
-            CREATE TABLE policy_audit (
-                id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-                ts BIGINT NOT NULL,
-                point TEXT NOT NULL,
-                origin TEXT NOT NULL,
-                room_id TEXT NOT NULL,
-                sender TEXT NOT NULL,
-                target TEXT,
-                policy TEXT NOT NULL,
-                decision TEXT NOT NULL,
-                reason TEXT NOT NULL,
-                errcode TEXT,
-                status INTEGER,
-                request_id TEXT NOT NULL,
-                mode TEXT NOT NULL
-            )
-            """,
-            "CREATE INDEX policy_audit_ts ON policy_audit (ts)",
-            """
-            CREATE TABLE policy_rate_limits (
-                bucket TEXT PRIMARY KEY,
-                tokens DOUBLE PRECISION NOT NULL,
-                updated_ts BIGINT NOT NULL,
-                full_ts BIGINT NOT NULL
-            )
-            """,
-            "CREATE INDEX policy_rate_limits_full_ts ON policy_rate_limits (full_ts)",
-        ),
+        statements=_policy_tables("INTEGER PRIMARY KEY AUTOINCREMENT"),
+        postgres_statements=_policy_tables("BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"),
     ),
 )
 

@@ -597,6 +597,20 @@ async def test_request_target_arrives_byte_for_byte(
     assert len(fake.exchanges) == len(targets)
 
 
+async def raw_exchange(base: str, request: bytes) -> bytes:
+    """Sends bytes no client library would send and reads the answer until the gateway
+    closes the connection."""
+    url = httpx.URL(base)
+    answer = b""
+    stream = await trio.open_tcp_stream(url.host, url.port or 80)
+    async with stream:
+        await stream.send_all(request)
+        with trio.fail_after(5):
+            while data := await stream.receive_some(65536):
+                answer += data
+    return answer
+
+
 @pytest.mark.parametrize(
     "header_line",
     [b"X-Evil: a\rX-Injected: 1", b"X-Evil: a\x00X-Injected: 1", b"X-Evil: a\x0bX-Injected: 1"],
@@ -607,22 +621,13 @@ async def test_header_injection_from_the_client_is_refused(
 ) -> None:
     fake = await raw_homeserver(fixed(OK))
     base = await gateway_for(tmp_path, fake, start_gateway)
-    url = httpx.URL(base)
     # A client library refuses to send such a header; a raw socket does not.
-    stream = await trio.open_tcp_stream(url.host, url.port or 80)
-    async with stream:
-        await stream.send_all(
-            b"GET /_matrix/client/v3/x HTTP/1.1\r\nHost: hs.test\r\n"
-            + header_line
-            + b"\r\nConnection: close\r\n\r\n"
-        )
-        answer = b""
-        with trio.fail_after(5):
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    break
-                answer += data
+    answer = await raw_exchange(
+        base,
+        b"GET /_matrix/client/v3/x HTTP/1.1\r\nHost: hs.test\r\n"
+        + header_line
+        + b"\r\nConnection: close\r\n\r\n",
+    )
     status = answer.split(b"\r\n", 1)[0]
     assert status.startswith(b"HTTP/1.1 4"), answer
     assert fake.exchanges == []
@@ -636,22 +641,13 @@ async def test_content_length_with_transfer_encoding_is_refused_not_smuggled(
     # routed (here, to the admin API it blocks).
     fake = await raw_homeserver(fixed(OK))
     base = await gateway_for(tmp_path, fake, start_gateway)
-    url = httpx.URL(base)
     smuggled = b"GET /_synapse/admin/v1/server_version HTTP/1.1\r\nHost: x\r\n\r\n"
     body = b"{}   " + smuggled
-    stream = await trio.open_tcp_stream(url.host, url.port or 80)
-    async with stream:
-        await stream.send_all(
-            b"PUT /_matrix/client/v3/x HTTP/1.1\r\nHost: hs.test\r\nContent-Length: 5\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
-        )
-        answer = b""
-        with trio.fail_after(5):
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    break
-                answer += data
+    answer = await raw_exchange(
+        base,
+        b"PUT /_matrix/client/v3/x HTTP/1.1\r\nHost: hs.test\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body),
+    )
     status = answer.split(b"\r\n", 1)[0]
     assert status.startswith(b"HTTP/1.1 400"), answer
     assert fake.exchanges == []
@@ -665,16 +661,11 @@ async def test_folded_client_header_stays_one_header(
     # continuation must never reach the homeserver as a header line of its own.
     fake = await raw_homeserver(fixed(OK))
     base = await gateway_for(tmp_path, fake, start_gateway)
-    url = httpx.URL(base)
-    stream = await trio.open_tcp_stream(url.host, url.port or 80)
-    async with stream:
-        await stream.send_all(
-            b"GET /_matrix/client/v3/x HTTP/1.1\r\nHost: hs.test\r\n"
-            b"X-Evil: a\r\n X-Injected: 1\r\nConnection: close\r\n\r\n"
-        )
-        with trio.fail_after(5):
-            while await stream.receive_some(65536):
-                pass
+    await raw_exchange(
+        base,
+        b"GET /_matrix/client/v3/x HTTP/1.1\r\nHost: hs.test\r\n"
+        b"X-Evil: a\r\n X-Injected: 1\r\nConnection: close\r\n\r\n",
+    )
     for exchange in fake.exchanges:
         assert exchange.header(b"x-injected") == []
         assert b"\r\n X-Injected" not in exchange.head
