@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 from urllib.parse import unquote_plus
@@ -21,6 +22,33 @@ __all__ = ["configure_logging", "get_logger", "loggable_query"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _LEVELS["error"] = logging.ERROR
+
+
+class _LineLogger:
+    """Writes each rendered event as one line with a single ``write`` call.
+
+    Worker processes share one standard error: a line written in two pieces (structlog's
+    ``PrintLogger`` prints the text, then the newline) can be split by another worker's line.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            self._stream.write(message + "\n")
+            self._stream.flush()
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+class _LineLoggerFactory:
+    def __init__(self, stream: TextIO) -> None:
+        self._logger = _LineLogger(stream)
+
+    def __call__(self, *args: Any) -> _LineLogger:
+        return self._logger
 
 
 def configure_logging(
@@ -67,7 +95,7 @@ def configure_logging(
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=_LineLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
 
