@@ -34,7 +34,7 @@ from tests.support.client_api import invites_now
 from tests.support.pdus import RemoteRoom, event_id_of, make_remote_room, sign_pdu
 from tests.support.remote_server import RemoteServer, x_matrix_authorization
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_stores]
 
 TIMEOUT = httpx.Timeout(30.0)
 DELEGATION_KEY_ID_PREFIX = "ed25519:mxgw_"

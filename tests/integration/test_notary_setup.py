@@ -12,7 +12,7 @@ import pytest
 
 from gateway.demo import Stack, to_toml
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_stores]
 
 
 def gateway_command(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -46,8 +46,9 @@ from tests.support import policies_for_tests
 from tests.support.client_api import create_room, invites_now
 from tests.support.pdus import RemoteRoom, event_id_of, make_remote_room
 from tests.support.remote_server import RemoteServer
+from tests.support.stack_fixtures import store_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_stores]
 
 TIMEOUT = httpx.Timeout(30.0)
 ROOM_VERSION = "11"
@@ -62,7 +63,16 @@ def q(identifier: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def policy_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcesses]:
+def policy_stack(
+    tmp_path_factory: pytest.TempPathFactory, store_backend: str
+) -> Iterator[StackProcesses]:
+    with store_config(store_backend, "policies") as store:
+        yield from _policy_stack(tmp_path_factory, store)
+
+
+def _policy_stack(
+    tmp_path_factory: pytest.TempPathFactory, store: dict[str, Any]
+) -> Iterator[StackProcesses]:
     data_dir = tmp_path_factory.mktemp("policy-stack")
     # The gateway runs a copy, so tests can break and change it without touching the source.
     shutil.copyfile(policies_for_tests.__file__, data_dir / POLICY_FILE)
@@ -96,7 +106,7 @@ def policy_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProc
         data_dir,
         port=free_port(),
         log_format="json",
-        user_config={"policies": policies, "policy": {"audit_allows": True}},
+        user_config={"policies": policies, "policy": {"audit_allows": True}, "store": store},
     )
     # [public] belongs to the demo; two workers are set in the written file itself.
     config_text = stack.gateway_config_path.read_text(encoding="utf8")

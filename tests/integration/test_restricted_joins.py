@@ -34,7 +34,7 @@ from tests.support.inprocess_gateway import gateway_thread, q
 from tests.support.pdus import event_id_of, sign_pdu
 from tests.support.remote_server import ReceivedRequest, RemoteServer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_stores]
 
 TIMEOUT = httpx.Timeout(30.0)
 VERSION = "10"

@@ -21,7 +21,7 @@ from tests.support.pdus import RemoteRoom, make_remote_room
 from tests.support.remote_server import RemoteServer
 from tests.support.stack_fixtures import RegisteredUser
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_stores]
 
 
 def v3_invite_body(room: RemoteRoom, invite: dict[str, Any]) -> dict[str, Any]:

@@ -272,8 +272,11 @@ def gateway_thread(
             config,
             public=replace(config.public, bind=BindAddress("127.0.0.1", 0)),
             internal=replace(config.internal, bind=BindAddress("127.0.0.1", 0)),
-            # Its own database: the gateway process of the stack keeps the stack's.
-            store=replace(config.store, sqlite_path=db_path),
+            # Its own SQLite database: the gateway process of the stack keeps the stack's.
+            # A PostgreSQL store is shared, as replicas share it.
+            store=replace(config.store, sqlite_path=db_path)
+            if config.store.backend == "sqlite"
+            else config.store,
         )
         stop = trio.Event()
         # Once PUBLIC_ROUTES lists the feature's routes, they are there already.
