@@ -173,16 +173,43 @@ class Stack:
         }
 
 
-def _merge_user_config(config: dict[str, dict[str, Any]], user_config: Mapping[str, Any]) -> None:
+def _absolute(base_dir: Path, value: Any) -> Any:
+    if not isinstance(value, str) or not value:
+        return value
+    return str(base_dir / Path(value).expanduser())
+
+
+def _merge_user_config(
+    config: dict[str, dict[str, Any]],
+    user_config: Mapping[str, Any],
+    user_config_dir: Path | None = None,
+) -> None:
+    """``user_config_dir``: the directory of the user's file. Relative paths in it mean what
+    they mean to ``gateway check`` of that file, though the demo's file lives elsewhere."""
     for section, table in user_config.items():
         if section in _DEMO_OWNED_SECTIONS:
             continue
         if section == "policies" and isinstance(table, list):
-            # Relative module paths keep meaning what they meant next to the user's file.
-            config[section] = list(table)  # type: ignore[assignment]
+            entries = [dict(e) if isinstance(e, Mapping) else e for e in table]
+            if user_config_dir is not None:
+                # Each entry carries the user's directory: module paths, dotted modules
+                # kept next to the file and path-valued options resolve from there.
+                for entry in entries:
+                    if isinstance(entry, dict):
+                        entry["base_dir"] = _absolute(
+                            user_config_dir, entry.get("base_dir", ".")
+                        )
+            config[section] = entries  # type: ignore[assignment]
             continue
         if not isinstance(table, Mapping):
             raise DemoError(f"--config: {section!r} must be a table")
+        table = dict(table)
+        if section == "notary":
+            # The demo's homeserver trusts the notary the demo made (name and key).
+            table.pop("server_name", None)
+            table.pop("state_dir", None)
+        if section == "store" and user_config_dir is not None and "sqlite_path" in table:
+            table["sqlite_path"] = _absolute(user_config_dir, table["sqlite_path"])
         config.setdefault(section, {}).update(table)
     federation = config.setdefault("federation", {})
     for key, needed in (
@@ -202,6 +229,7 @@ def gateway_config(
     signing_key_path: str,
     log_format: str = "console",
     user_config: Mapping[str, Any] | None = None,
+    user_config_dir: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The demo's gateway config, in the format of ``gateway.toml``."""
     config: dict[str, dict[str, Any]] = {
@@ -233,7 +261,7 @@ def gateway_config(
             "request_timeout": 10.0,
         },
     }
-    _merge_user_config(config, user_config or {})
+    _merge_user_config(config, user_config or {}, user_config_dir)
     return config
 
 
@@ -244,13 +272,15 @@ def prepare_stack(
     internal_port: int | None = None,
     homeserver_port: int | None = None,
     user_config: Mapping[str, Any] | None = None,
+    user_config_dir: Path | None = None,
     synapse_extra: Mapping[str, Any] | None = None,
     log_format: str = "console",
 ) -> Stack:
     """Write matching Synapse and gateway configs into ``data_dir``.
 
     ``port`` is the gateway's public port and names the homeserver ``localhost:PORT``. The
-    other ports default to free ones picked now.
+    other ports default to free ones picked now. ``user_config_dir`` is what relative paths
+    in ``user_config`` are relative to (the directory of the ``--config`` file).
     """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -290,6 +320,7 @@ def prepare_stack(
         signing_key_path=signing_key,
         log_format=log_format,
         user_config=user_config,
+        user_config_dir=user_config_dir,
     )
     config_path = data_dir / GATEWAY_CONFIG_FILE
     config_path.write_text(
@@ -468,7 +499,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="a gateway.toml whose sections other than server, homeserver, public and "
-        "internal (policies, store, log, federation, ...) the demo uses",
+        "internal (policies, store, log, federation, ...) the demo uses; relative paths in "
+        "it are relative to its directory, as for `gateway check`",
     )
     return parser.parse_args(argv)
 
@@ -516,7 +548,12 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
                 raise DemoError(f"--config {args.config}: {e}") from e
         port = _choose_port(data_dir, args.port)
         print(f"Preparing {data_dir} ...", flush=True)
-        stack = prepare_stack(data_dir, port=port, user_config=user_config)
+        stack = prepare_stack(
+            data_dir,
+            port=port,
+            user_config=user_config,
+            user_config_dir=args.config.resolve().parent if args.config is not None else None,
+        )
     except (DemoError, HomeserverError) as e:
         print(f"gateway demo: {e}", file=sys.stderr)
         return 2

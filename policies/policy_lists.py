@@ -12,8 +12,9 @@ Options::
 
 A file holds the state events of a policy room, as a client's ``/state`` returns them (a list
 of ``{"type": ..., "state_key": ..., "content": {"entity": ..., "recommendation": "m.ban",
-"reason": ...}}``). Paths are relative to the gateway's working directory. Files are read when
-the policy loads: edit them, then reload the gateway (SIGHUP).
+"reason": ...}}``). Relative paths are relative to the configuration file's directory (or the
+entry's ``base_dir``). Files are read when the policy loads: edit them, then reload the
+gateway (SIGHUP).
 
 A policy room is followed live: its current state is read through our homeserver
 (``ctx.tools.room_state``), so the homeserver must be in the room (a local user joined, e.g.
@@ -210,9 +211,10 @@ class Options:
         return await self.follower.bans(tools)
 
 
-def _read(path: str, key: str) -> list[Mapping[str, Any]]:
+def _read(file: Path, key: str) -> list[Mapping[str, Any]]:
+    path = str(file)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf8"))
+        data = json.loads(file.read_text(encoding="utf8"))
     except OSError as e:
         raise OptionsError(key, f"cannot read {path!r}: {e.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -240,14 +242,17 @@ def _policy_rooms(options: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(rooms))
 
 
-def validate_options(options: Mapping[str, Any]) -> Options:
+def validate_options(options: Mapping[str, Any], *, base_dir: Path | None = None) -> Options:
+    """``base_dir``: what relative ``files`` are relative to (the gateway passes the
+    configuration file's directory; None, for a direct call, means the working directory)."""
     check_known(options, {"files", "invite_action", "policy_rooms", "refresh_seconds"})
     files = options.get("files", [])
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise OptionsError("files", f"must be a list of file paths, got {files!r}")
+    directory = base_dir if base_dir is not None else Path.cwd()
     events: list[Mapping[str, Any]] = []
     for index, path in enumerate(files):
-        events.extend(_read(path, f"files[{index}]"))
+        events.extend(_read(directory / Path(path).expanduser(), f"files[{index}]"))
     rooms = _policy_rooms(options)
     refresh_seconds = 60.0
     if "refresh_seconds" in options:

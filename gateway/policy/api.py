@@ -19,7 +19,10 @@ Hooks (all optional, at least one must exist):
   is loaded (start, reload, ``gateway check``) with the ``options`` table of its
   configuration entry. Raise :class:`OptionsError` naming the bad key; whatever it returns is
   passed to the hooks as ``options`` (so parse and compile there, once). Without it the hooks
-  get the options table as a plain dict.
+  get the options table as a plain dict. An option that names a file is relative to the
+  configuration file's directory: declare a keyword parameter ``base_dir`` and the gateway
+  passes that directory (a :class:`pathlib.Path`), e.g.
+  ``def validate_options(options, *, base_dir): path = base_dir / options["file"]``.
 
 Decisions: :func:`allow`, :func:`deny` (an error answered to the peer, 403 ``M_FORBIDDEN``
 unless the policy says otherwise) and :func:`drop` (invites only: the peer gets the normal

@@ -9,6 +9,14 @@ Each entry::
     on_error = "closed"                  # or "open": what a hook that fails or is too slow means
     timeout = 2.0                        # seconds per hook call
     options = { deny_origins = ["*.evil.example"] }
+    base_dir = "/etc/gateway"            # optional, see below
+
+Relative paths in an entry (a ``.py`` module path, path-valued options) are relative to the
+configuration file's directory, like every path in ``gateway.toml``. ``base_dir`` names
+another directory for one entry (``gateway demo`` writes it, so a policy taken from the
+user's own file keeps meaning what it meant next to that file). Dotted module names are
+also looked up there. ``validate_options`` learns the directory by declaring a keyword
+parameter ``base_dir`` (see :mod:`gateway.policy.api`).
 
 Problems name the exact key, e.g. ``policies[1].mode: must be "enforce" or "shadow"``.
 """
@@ -53,7 +61,7 @@ HOOK_NAMES: Mapping[DecisionPoint, str] = {
 }
 DEFAULT_TIMEOUT = 2.0
 MAX_TIMEOUT = 60.0
-_KEYS = {"module", "name", "options", "mode", "on_error", "timeout"}
+_KEYS = {"module", "name", "options", "mode", "on_error", "timeout", "base_dir"}
 
 
 class PolicyConfigError(Exception):
@@ -80,7 +88,8 @@ class PolicySpec:
     timeout: float = DEFAULT_TIMEOUT
     #: ``policies[N]``: where the entry came from, for messages.
     key: str = "policies[0]"
-    #: The directory relative module paths are resolved against.
+    #: The directory relative paths (module, path options) are resolved against: the
+    #: configuration file's, or the entry's own ``base_dir``. None: the working directory.
     base_dir: Path | None = None
 
 
@@ -167,6 +176,16 @@ def parse_policy_config(
                 f" got {_show(timeout)}"
             )
 
+        entry_dir = base_dir
+        raw_dir = entry.get("base_dir")
+        if raw_dir is not None:
+            if not isinstance(raw_dir, str) or not raw_dir:
+                problems.append(
+                    f"{where}.base_dir: must be a directory path string, got {_show(raw_dir)}"
+                )
+            else:
+                entry_dir = (base_dir or Path.cwd()) / Path(raw_dir).expanduser()
+
         if len(problems) == before:
             specs.append(
                 PolicySpec(
@@ -177,7 +196,7 @@ def parse_policy_config(
                     on_error=on_error,
                     timeout=float(timeout),
                     key=where,
-                    base_dir=base_dir,
+                    base_dir=entry_dir,
                 )
             )
     if problems:
@@ -283,6 +302,18 @@ def _import(spec: PolicySpec) -> types.ModuleType:
     return _exec_fresh(spec.module, module_spec)
 
 
+def _takes_base_dir(validate: Any) -> bool:
+    try:
+        parameters = inspect.signature(validate).parameters
+    except (TypeError, ValueError):
+        return False
+    parameter = parameters.get("base_dir")
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.KEYWORD_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
+
+
 def _load_one(spec: PolicySpec) -> LoadedPolicy:
     try:
         module = _import(spec)
@@ -308,7 +339,10 @@ def _load_one(spec: PolicySpec) -> LoadedPolicy:
     validate = getattr(module, "validate_options", None)
     if validate is not None and not problems:
         try:
-            options = validate(dict(spec.options))
+            if _takes_base_dir(validate):
+                options = validate(dict(spec.options), base_dir=spec.base_dir or Path.cwd())
+            else:
+                options = validate(dict(spec.options))
             if inspect.isawaitable(options):
                 raise TypeError("validate_options must be a plain def, not async def")
         except OptionsError as e:

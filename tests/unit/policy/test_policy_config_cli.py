@@ -81,8 +81,8 @@ def test_parse_defaults_and_order(tmp_path: Path) -> None:
         (
             [{"module": "a", "colour": "red"}],
             [
-                "policies[0].colour: unknown key (known: mode, module, name, on_error, options,"
-                " timeout)"
+                "policies[0].colour: unknown key (known: base_dir, mode, module, name, on_error,"
+                " options, timeout)"
             ],
         ),
         (
