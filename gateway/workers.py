@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from gateway.app import ListenerSockets, Listening, bind_sockets, serve
+from gateway.app import ListenerSockets, Listening, bind_sockets, internal_tls_files, serve
 from gateway.config import GatewayConfig
 from gateway.logging import configure_logging, get_logger
 from gateway.metrics import MULTIPROC_ENV
@@ -172,10 +172,12 @@ def _supervise(config: GatewayConfig) -> int:
         scheme = "https" if config.public.tls else "http"
         host, port = sockets.public.getsockname()[:2]
         ihost, iport = sockets.internal.getsockname()[:2]
+        # The notary turns TLS on for the internal listener (the homeserver speaks HTTPS only).
+        ischeme = "https" if internal_tls_files(config) is not None else "http"
         _log.info(
             "gateway started",
             public_url=f"{scheme}://{_host(host)}:{port}",
-            internal_url=f"http://{_host(ihost)}:{iport}",
+            internal_url=f"{ischeme}://{_host(ihost)}:{iport}",
             workers=config.public.workers,
         )
         while not stopping:
