@@ -147,6 +147,13 @@ async def _check_homeserver(config: GatewayConfig) -> int:
     return EXIT_OK
 
 
+def _health_arguments(parser: argparse.ArgumentParser) -> None:
+    from gateway.healthcheck import add_arguments
+
+    _config_argument(parser)
+    add_arguments(parser)
+
+
 def _decisions_arguments(parser: argparse.ArgumentParser) -> None:
     from gateway.policy.cli import add_decisions_arguments
 
@@ -220,6 +227,12 @@ COMMANDS: list[Command] = [
         "validate the configuration, then check that the homeserver answers",
         _config_argument,
         _check,
+    ),
+    Command(
+        "health",
+        "ask the running gateway's internal listener for /health (exit status 0 if healthy)",
+        _health_arguments,
+        lazy("gateway.healthcheck"),
     ),
     Command(
         "demo",

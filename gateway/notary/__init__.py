@@ -41,7 +41,9 @@ class NotaryFiles:
 def prepare_notary_files(state_dir: Path) -> NotaryFiles:
     """Creates what the notary needs on first start. Called once, before workers start, so
     that every worker reads the same key, secret and certificate."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    # resolve(): a link to a directory not made yet (the container image links state_dir
+    # into its data volume, which starts empty) gets its target made.
+    state_dir.resolve().mkdir(parents=True, exist_ok=True)
     key_path = state_dir / "notary.signing.key"
     secret_path = state_dir / "delegation.secret"
     NotaryKey.load_or_create(key_path, "unused")

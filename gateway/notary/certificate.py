@@ -22,11 +22,15 @@ from cryptography.x509.oid import NameOID
 _VALIDITY = datetime.timedelta(days=3650)
 
 
+def certificate_paths(directory: Path) -> tuple[Path, Path]:
+    """Where (certificate, private key) are kept in ``directory``; nothing is created."""
+    return directory / "internal-tls.crt", directory / "internal-tls.key"
+
+
 def ensure_self_signed_certificate(directory: Path, hostname: str) -> tuple[Path, Path]:
     """Returns (certificate, private key) paths in ``directory``, creating them if missing."""
     directory.mkdir(parents=True, exist_ok=True)
-    cert_path = directory / "internal-tls.crt"
-    key_path = directory / "internal-tls.key"
+    cert_path, key_path = certificate_paths(directory)
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
 
