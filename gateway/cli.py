@@ -5,7 +5,9 @@ that adds its arguments and a function that runs it. Heavy modules are imported 
 their subcommand runs (see :func:`lazy`).
 
 Exit status: 0 success, 1 invalid configuration (or a failure to start), 2 for
-``gateway check`` when the configuration is valid but the homeserver does not answer.
+``gateway check`` when the configuration is valid but the homeserver does not answer, or
+the notary check fails (the homeserver does not use the gateway's notary, or the chain
+homeserver -> notary -> delegation key does not verify).
 """
 
 from __future__ import annotations

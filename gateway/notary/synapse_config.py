@@ -42,6 +42,25 @@ def homeserver_settings(config: GatewayConfig, name: str | None = None) -> dict[
     }
 
 
+HEADER = """\
+# Settings for the homeserver's config (homeserver.yaml); then restart the homeserver.
+#
+# trusted_key_servers: REPLACE the existing list (Synapse's default is matrix.org) with
+# this one; do not add the notary to it. The notary fetches and verifies every remote
+# server's keys itself; any other server left in the list would still be asked, and
+# trusted, for keys.
+#
+# ip_range_whitelist and federation_certificate_verification_whitelist loosen Synapse's
+# protection against server-side request forgery, for loopback only: the first lets its
+# outbound requests (federation, push, identity servers) reach 127.0.0.1, the notary's
+# address; the second accepts an unverifiable certificate from the host named there (the
+# notary's self-made one). Keep them to these values: each entry added widens what a
+# remote server can make Synapse reach.
+#
+# The homeserver's federation listener should bind to loopback only.
+"""
+
+
 def to_yaml(settings: dict[str, Any]) -> str:
     """YAML that needs no YAML library: every value written as JSON, which YAML accepts."""
     lines = []
@@ -75,7 +94,6 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(str(e), file=sys.stderr)
         return 1
-    print("# Add to the homeserver's config (homeserver.yaml), then restart it.")
-    print("# The homeserver's federation listener should bind to loopback only.")
+    print(HEADER, end="")
     print(to_yaml(settings), end="")
     return 0
