@@ -44,6 +44,7 @@ from hypercorn.utils import wrap_app
 from gateway.config import BindAddress, GatewayConfig
 from gateway.errors import Codes, MatrixError
 from gateway.features import invites, joins, keys, knocks
+from gateway.features.outbound import OutboundApp
 from gateway.homeserver.forward import ResponseCutShort
 from gateway.http import (
     ClientDisconnected,
@@ -322,14 +323,18 @@ class InternalApp:
 
 @dataclass
 class ListenerSockets:
-    """Bound, listening sockets of both listeners; shared by all worker processes."""
+    """Bound, listening sockets of the listeners; shared by all worker processes.
+    ``outbound`` is set when ``[outbound]`` is enabled."""
 
     public: socket.socket
     internal: socket.socket
+    outbound: socket.socket | None = None
 
     def close(self) -> None:
         self.public.close()
         self.internal.close()
+        if self.outbound is not None:
+            self.outbound.close()
 
 
 @dataclass(frozen=True)
@@ -338,6 +343,8 @@ class Listening:
 
     public_url: str
     internal_url: str
+    #: the outbound listener, when enabled
+    outbound_url: str | None = None
 
 
 def _bind(address: BindAddress) -> socket.socket:
@@ -364,7 +371,15 @@ def bind_sockets(config: GatewayConfig) -> ListenerSockets:
     except OSError:
         internal.close()
         raise
-    return ListenerSockets(public=public, internal=internal)
+    outbound = None
+    if config.outbound.enabled:
+        try:
+            outbound = _bind(config.outbound.bind)
+        except OSError:
+            internal.close()
+            public.close()
+            raise
+    return ListenerSockets(public=public, internal=internal, outbound=outbound)
 
 
 def _url(scheme: str, sock: socket.socket) -> str:
@@ -488,10 +503,25 @@ async def serve(
                 await nursery.start(
                     listener(PublicApp(services, public_router), listeners.public, public_tls)
                 )
+                outbound_url = None
+                if listeners.outbound is not None:
+                    # Synapse asks its trusted key server (our notary) through this
+                    # listener too: that request is answered here, never sent out.
+                    internal_app = InternalApp(services, internal_router)
+                    local = (
+                        {}
+                        if services.notary is None
+                        else {services.notary.key.server_name: internal_app}
+                    )
+                    await nursery.start(
+                        listener(OutboundApp(services, local=local), listeners.outbound, None)
+                    )
+                    outbound_url = _url("http", listeners.outbound)
                 task_status.started(
                     Listening(
                         public_url=_url("https" if public_tls else "http", listeners.public),
                         internal_url=_url("https" if internal_tls else "http", listeners.internal),
+                        outbound_url=outbound_url,
                     )
                 )
                 if shutdown_trigger is not None:

@@ -29,6 +29,7 @@ __all__ = [
     "InternalConfig",
     "LogConfig",
     "NotaryConfig",
+    "OutboundConfig",
     "PublicConfig",
     "ServerConfig",
     "StoreConfig",
@@ -114,6 +115,27 @@ class NotaryConfig:
     delegation_key_lifetime: float = 600.0
 
 
+InviteVersion = Literal["v3", "unstable", "v2"]
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    """The homeserver's outbound federation through the gateway (a forward proxy that
+    Synapse reaches through ``outbound_federation_restricted_to``)."""
+
+    enabled: bool = False
+    #: loopback only: the homeserver sends here as plain HTTP
+    bind: BindAddress = BindAddress("127.0.0.1", 8450)
+    #: the homeserver's ``worker_replication_secret`` (its ``Proxy-Authorization`` bearer)
+    secret: str = field(default="", repr=False)
+    #: how our v2 invites leave: ``v3`` (stable), ``unstable`` (MSC prefix) or ``v2`` as is
+    invite_version: InviteVersion = "v3"
+    #: how long to remember which invite endpoint a destination has, in seconds
+    invite_version_memory: float = 86400.0
+    #: bound on discovery, connecting and the response head (Synapse waits 90 s at most)
+    request_timeout: float = 60.0
+
+
 @dataclass(frozen=True)
 class PolicySettings:
     #: write allow decisions to the audit trail too (denies and drops always are)
@@ -173,6 +195,7 @@ class GatewayConfig:
     store: StoreConfig = StoreConfig()
     federation: FederationConfig = field(default_factory=FederationConfig)
     notary: NotaryConfig = NotaryConfig()
+    outbound: OutboundConfig = OutboundConfig()
     policy: PolicySettings = PolicySettings()
     #: the admission policies (``[[policies]]``), in the order they run
     policies: tuple[PolicySpec, ...] = ()
@@ -215,6 +238,7 @@ def parse_config(
         "store",
         "federation",
         "notary",
+        "outbound",
         "policy",
     }
     for name, value in data.items():
@@ -237,6 +261,7 @@ def parse_config(
     store = _store(r, table("store"))
     federation = _federation(r, table("federation"))
     notary = _notary(r, table("notary"), internal)
+    outbound = _outbound(r, table("outbound"))
     policy = _policy(r, table("policy"))
     policies: list[PolicySpec] = []
     try:
@@ -255,6 +280,7 @@ def parse_config(
         store=store,
         federation=federation,
         notary=notary,
+        outbound=outbound,
         policy=policy,
         policies=tuple(policies),
         source=source,
@@ -610,6 +636,72 @@ def _notary(r: _Reader, t: Mapping[str, Any], internal: InternalConfig) -> Notar
         server_name=name,
         state_dir=state_dir if state_dir is not None else r.base_dir / d.state_dir,
         delegation_key_lifetime=lifetime,
+    )
+
+
+#: Synapse gives up on its proxy after 90 s; the gateway must answer before that.
+_SYNAPSE_PROXY_TIMEOUT = 90.0
+
+
+def _outbound(r: _Reader, t: Mapping[str, Any]) -> OutboundConfig:
+    d = OutboundConfig()
+    s = "outbound"
+    r.check_keys(
+        s,
+        t,
+        {
+            "enabled",
+            "bind",
+            "secret",
+            "secret_path",
+            "invite_version",
+            "invite_version_memory",
+            "request_timeout",
+        },
+    )
+    enabled = r.get(s, t, "enabled", d.enabled, _boolean)
+    bind = r.get(s, t, "bind", d.bind, _bind)
+    if not _is_loopback(bind.host):
+        r.problem(
+            "outbound.bind",
+            f"must be a loopback address (127.0.0.1, ::1 or localhost), got {bind.host!r}: "
+            "only the homeserver sends here",
+        )
+    secret = r.get(s, t, "secret", "", _string)
+    secret_path = r.get(s, t, "secret_path", None, r.path)
+    if secret and secret_path is not None:
+        r.problem("outbound.secret_path", "set outbound.secret or outbound.secret_path, not both")
+    elif secret_path is not None:
+        try:
+            secret = secret_path.read_text(encoding="utf8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            r.problem("outbound.secret_path", f"cannot read the file: {e}")
+    if enabled and not secret and "secret_path" not in t:
+        r.problem(
+            "outbound.secret",
+            "must be set when outbound.enabled = true: the homeserver's "
+            "worker_replication_secret (or outbound.secret_path, a file holding it)",
+        )
+    elif secret and len(secret) < 16:
+        r.problem("outbound.secret", "must be at least 16 characters (it guards the egress)")
+    timeout = r.get(s, t, "request_timeout", d.request_timeout, _seconds)
+    if timeout >= _SYNAPSE_PROXY_TIMEOUT:
+        r.problem(
+            "outbound.request_timeout",
+            f"must be under {_SYNAPSE_PROXY_TIMEOUT:g} seconds (Synapse gives up on its "
+            f"proxy then), got {timeout:g}",
+        )
+    return OutboundConfig(
+        enabled=enabled,
+        bind=bind,
+        secret=secret,
+        invite_version=r.get(
+            s, t, "invite_version", d.invite_version, _choice("v3", "unstable", "v2")
+        ),
+        invite_version_memory=r.get(
+            s, t, "invite_version_memory", d.invite_version_memory, _seconds
+        ),
+        request_timeout=timeout,
     )
 
 

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -47,6 +48,8 @@ from gateway.homeserver.synapse import (
     synapse_process,
 )
 from gateway.notary import NotaryKey, prepare_notary_files
+from gateway.notary.certificate import ensure_self_signed_certificate
+from gateway.notary.synapse_config import outbound_synapse_settings
 
 DEFAULT_DATA_DIR = Path("demo-data")
 DEFAULT_PORT = 8448
@@ -149,6 +152,8 @@ class Stack:
     synapse: SynapseConfig
     # The gateway config as written (tables of the TOML file).
     gateway_config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # The outbound listener the homeserver sends its federation traffic to, when on.
+    outbound_url: str | None = None
 
     @property
     def registration_shared_secret(self) -> str:
@@ -161,6 +166,7 @@ class Stack:
             "gateway_url": self.gateway_url,
             "internal_url": self.internal_url,
             "homeserver_url": self.homeserver_url,
+            "outbound_url": self.outbound_url,
             "registration_shared_secret": self.registration_shared_secret,
             "data_dir": str(self.data_dir),
             "gateway_config": str(self.gateway_config_path),
@@ -196,9 +202,7 @@ def _merge_user_config(
                 # kept next to the file and path-valued options resolve from there.
                 for entry in entries:
                     if isinstance(entry, dict):
-                        entry["base_dir"] = _absolute(
-                            user_config_dir, entry.get("base_dir", ".")
-                        )
+                        entry["base_dir"] = _absolute(user_config_dir, entry.get("base_dir", "."))
             config[section] = entries  # type: ignore[assignment]
             continue
         if not isinstance(table, Mapping):
@@ -208,6 +212,11 @@ def _merge_user_config(
             # The demo's homeserver trusts the notary the demo made (name and key).
             table.pop("server_name", None)
             table.pop("state_dir", None)
+        if section == "outbound":
+            # Where it listens and its secret belong to the demo (the homeserver's config
+            # must match); how invites leave is the user's choice.
+            for key in ("enabled", "bind", "secret", "secret_path"):
+                table.pop(key, None)
         if section == "store" and user_config_dir is not None and "sqlite_path" in table:
             table["sqlite_path"] = _absolute(user_config_dir, table["sqlite_path"])
         config.setdefault(section, {}).update(table)
@@ -230,8 +239,12 @@ def gateway_config(
     log_format: str = "console",
     user_config: Mapping[str, Any] | None = None,
     user_config_dir: Path | None = None,
+    outbound: Mapping[str, Any] | None = None,
+    public_tls: tuple[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """The demo's gateway config, in the format of ``gateway.toml``."""
+    """The demo's gateway config, in the format of ``gateway.toml``. ``outbound`` is the
+    ``[outbound]`` table (bind and secret) when the homeserver sends through the gateway;
+    ``public_tls`` the public listener's (certificate, key)."""
     config: dict[str, dict[str, Any]] = {
         "server": {"server_name": server_name, "signing_key_path": signing_key_path},
         "homeserver": {
@@ -243,8 +256,8 @@ def gateway_config(
         "public": {
             # Loopback only: the demo is for this machine.
             "bind": f"127.0.0.1:{public_port}",
-            "tls_certificate_path": "",
-            "tls_private_key_path": "",
+            "tls_certificate_path": public_tls[0] if public_tls else "",
+            "tls_private_key_path": public_tls[1] if public_tls else "",
             "max_body_size": 52428800,
             "workers": 1,
             "request_timeout": 60.0,
@@ -261,6 +274,8 @@ def gateway_config(
             "request_timeout": 10.0,
         },
     }
+    if outbound is not None:
+        config["outbound"] = {"enabled": True, **outbound, "invite_version": "v3"}
     _merge_user_config(config, user_config or {}, user_config_dir)
     return config
 
@@ -275,19 +290,39 @@ def prepare_stack(
     user_config_dir: Path | None = None,
     synapse_extra: Mapping[str, Any] | None = None,
     log_format: str = "console",
+    outbound: bool = True,
+    outbound_port: int | None = None,
+    public_tls: bool = False,
 ) -> Stack:
     """Write matching Synapse and gateway configs into ``data_dir``.
 
     ``port`` is the gateway's public port and names the homeserver ``localhost:PORT``. The
     other ports default to free ones picked now. ``user_config_dir`` is what relative paths
     in ``user_config`` are relative to (the directory of the ``--config`` file).
+
+    With ``outbound`` (the default) the homeserver sends its federation traffic through the
+    gateway's outbound listener (``outbound_port``, a free one by default). With
+    ``public_tls`` the public listener serves HTTPS with a certificate made for
+    ``localhost``: what another homeserver (another demo) needs to federate with this one.
     """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     server_name = f"localhost:{port}"
     internal_port = internal_port or free_port()
     homeserver_port = homeserver_port or free_port()
-    gateway_url = f"http://127.0.0.1:{port}"
+    gateway_url = f"https://localhost:{port}" if public_tls else f"http://127.0.0.1:{port}"
+    tls_files: tuple[str, str] | None = None
+    if public_tls:
+        cert, key = ensure_self_signed_certificate(data_dir / "public-tls", "localhost")
+        tls_files = (str(cert), str(key))
+    outbound_table: dict[str, Any] | None = None
+    synapse_outbound: dict[str, Any] = {}
+    if outbound:
+        outbound_port = outbound_port or free_port()
+        secret = secrets.token_urlsafe(24)
+        outbound_table = {"bind": f"127.0.0.1:{outbound_port}", "secret": secret}
+        # What `gateway synapse-config` tells an operator to add (see gateway/notary).
+        synapse_outbound = outbound_synapse_settings("127.0.0.1", outbound_port, secret)
     # The homeserver trusts the gateway's notary (made now, before either starts), as
     # `gateway synapse-config` would tell an operator to configure it.
     notary_name = f"localhost:{internal_port}"
@@ -305,7 +340,7 @@ def prepare_stack(
                     "verify_keys": {notary_key.key_id: notary_key.verify_key_base64},
                 }
             ],
-            extra=dict(synapse_extra or {}),
+            extra={**synapse_outbound, **dict(synapse_extra or {})},
         )
     )
     try:
@@ -321,6 +356,8 @@ def prepare_stack(
         log_format=log_format,
         user_config=user_config,
         user_config_dir=user_config_dir,
+        outbound=outbound_table,
+        public_tls=tls_files,
     )
     config_path = data_dir / GATEWAY_CONFIG_FILE
     config_path.write_text(
@@ -348,6 +385,7 @@ def prepare_stack(
         gateway_log_path=data_dir / GATEWAY_LOG_FILE,
         synapse=synapse,
         gateway_config=config,
+        outbound_url=f"http://127.0.0.1:{outbound_port}" if outbound else None,
     )
 
 

@@ -16,6 +16,16 @@ Metric names:
 * ``gateway_v3_invites_total{outcome}``: v3 invites by outcome (``delivered``, ``refused``).
 * ``gateway_delegation_entries_removed_total``: delegation-key entries removed from public
   key-query answers.
+* ``gateway_outbound_requests_total{kind, destination_class, outcome}`` and
+  ``gateway_outbound_request_duration_seconds{kind, destination_class}``: the homeserver's
+  outbound federation requests. ``kind`` is the endpoint class (``send``, ``invite``,
+  ``make_join``, ``query``, ``keys``, ``media``, ...); ``destination_class`` is ``notary``
+  (answered locally), ``v3`` or ``v2`` (a destination known to have, or lack, the v3 invite
+  endpoint) or ``remote``; ``outcome`` is ``2xx``/``4xx``/``5xx`` (the destination's
+  answer), ``refused`` (egress policy), ``unreachable``, ``timeout`` or ``unauthorized``.
+* ``gateway_outbound_invites_total{version}``: our invites by the endpoint they went out
+  on (``v3``, ``unstable``, ``v2``), and ``gateway_outbound_invite_fallbacks_total``: v3
+  attempts a destination did not understand, re-sent as v2.
 
 With several workers every process writes its values into files in the directory named by
 ``PROMETHEUS_MULTIPROC_DIR`` (the supervising process creates it before the workers start)
@@ -91,6 +101,32 @@ class Metrics:
         self.delegation_entries_removed = Counter(
             "gateway_delegation_entries_removed_total",
             "Server-keys entries carrying a delegation key removed from public key answers.",
+            registry=self.registry,
+        )
+
+        self.outbound_requests = Counter(
+            "gateway_outbound_requests_total",
+            "The homeserver's outbound federation requests, by endpoint class, destination "
+            "class and outcome.",
+            ["kind", "destination_class", "outcome"],
+            registry=self.registry,
+        )
+        self.outbound_duration = Histogram(
+            "gateway_outbound_request_duration_seconds",
+            "Time from an outbound request's arrival to the end of its response.",
+            ["kind", "destination_class"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.outbound_invites = Counter(
+            "gateway_outbound_invites_total",
+            "Our invites sent to other servers, by the invite endpoint version used.",
+            ["version"],
+            registry=self.registry,
+        )
+        self.outbound_invite_fallbacks = Counter(
+            "gateway_outbound_invite_fallbacks_total",
+            "v3 invites a destination did not understand, sent again as v2.",
             registry=self.registry,
         )
 

@@ -94,6 +94,7 @@ async def _serve_single(config: GatewayConfig) -> None:
             "gateway started",
             public_url=listening.public_url,
             internal_url=listening.internal_url,
+            **({"outbound_url": listening.outbound_url} if listening.outbound_url else {}),
             workers=1,
         )
     _log.info("gateway stopped")
@@ -178,6 +179,11 @@ def _supervise(config: GatewayConfig) -> int:
             "gateway started",
             public_url=f"{scheme}://{_host(host)}:{port}",
             internal_url=f"{ischeme}://{_host(ihost)}:{iport}",
+            **(
+                {"outbound_url": "http://{}:{}".format(*sockets.outbound.getsockname()[:2])}
+                if sockets.outbound is not None
+                else {}
+            ),
             workers=config.public.workers,
         )
         while not stopping:

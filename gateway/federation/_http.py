@@ -6,6 +6,11 @@ the certificate must match, and the ``Host`` header is set explicitly. Keep-aliv
 because httpx pools connections by IP and port only; reusing a connection whose certificate
 was checked for one server name for another name at the same address would be wrong.
 Redirects are never followed here.
+
+Streamed requests (:meth:`OutboundHttp.stream`, the homeserver's outbound traffic) do keep
+connections alive, in a pool of their own per (TLS name, verification): every connection in
+one pool was checked for the same name, so reusing it for another request to that name is
+what a fresh connection would have been.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import fnmatch
 import ipaddress
 import json
 import ssl
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +61,32 @@ class HttpResponse:
             raise ResponseError(
                 f"response is not JSON: {e}", status=self.status, body=self.body[:1024]
             ) from None
+
+
+@dataclass(slots=True)
+class StreamedResponse:
+    """A response whose body is still on the wire: read it with :meth:`aiter_raw`."""
+
+    status: int
+    headers: httpx.Headers
+    #: The address the response came from.
+    address: str
+    _response: httpx.Response
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body exactly as sent (no content decoding). A pause longer than the read
+        timeout raises :class:`RequestTimeout`; a broken connection :class:`RequestFailed`."""
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.TimeoutException as e:
+            raise RequestTimeout(f"response body stalled: {e!r}") from e
+        except httpx.HTTPError as e:
+            raise RequestFailed(f"response body cut short: {e!r}") from e
+
+
+#: Keep-alive pools kept for streamed requests (one per TLS name); the oldest is closed.
+MAX_STREAM_POOLS = 256
 
 
 def _host_of(server_name: str) -> str:
@@ -97,6 +130,8 @@ class OutboundHttp:
             )
             for verify, ctx in ((True, verified), (False, unverified))
         }
+        self._contexts = {True: verified, False: unverified}
+        self._stream_pools: OrderedDict[tuple[bool, str], httpx.AsyncClient] = OrderedDict()
 
     def verifies_certificate_of(self, server_name: str) -> bool:
         """False when ``federation_certificate_verification_whitelist`` covers the name."""
@@ -223,6 +258,93 @@ class OutboundHttp:
             await response.aclose()
         return HttpResponse(response.status_code, response.headers, b"".join(chunks), address)
 
+    def _stream_pool(self, verify: bool, tls_name: str) -> httpx.AsyncClient:
+        key = (verify, tls_name.lower())
+        pool = self._stream_pools.get(key)
+        if pool is not None:
+            self._stream_pools.move_to_end(key)
+            return pool
+        pool = httpx.AsyncClient(
+            verify=self._contexts[verify],
+            follow_redirects=False,
+            trust_env=False,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
+            timeout=httpx.Timeout(self.request_timeout),
+        )
+        self._stream_pools[key] = pool
+        return pool
+
+    async def _trim_stream_pools(self) -> None:
+        while len(self._stream_pools) > MAX_STREAM_POOLS:
+            _, oldest = self._stream_pools.popitem(last=False)
+            await oldest.aclose()
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        *,
+        host: str,
+        port: int,
+        target: str,
+        tls_name: str,
+        host_header: str,
+        verify_name: str,
+        headers: Sequence[tuple[str, str]],
+        content: bytes | None,
+        time_limit: float | None = None,
+    ) -> AsyncIterator[StreamedResponse]:
+        """Send ``method target`` to ``host:port`` with exactly ``headers`` (plus ``Host``)
+        and yield the response once its head arrived; the body is read by the caller.
+
+        ``time_limit`` bounds everything up to the response head; each later pause in the
+        body is bounded by the request timeout.
+        """
+        limit = self.request_timeout if time_limit is None else time_limit
+        verify = self.verifies_certificate_of(verify_name)
+        await self._trim_stream_pools()
+        client = self._stream_pool(verify, tls_name)
+        response: httpx.Response | None = None
+        address = ""
+        with trio.move_on_after(limit) as scope:
+            addresses = await self.allowed_addresses(host)
+            last_error: Exception | None = None
+            for address in addresses:
+                ip = ipaddress.ip_address(address)
+                url = httpx.URL(scheme="https", host=str(ip), port=port, raw_path=target.encode())
+                request = client.build_request(
+                    method,
+                    url,
+                    headers=[("Host", host_header), *headers],
+                    content=content,
+                    extensions={"sni_hostname": tls_name},
+                )
+                try:
+                    response = await client.send(request, stream=True, follow_redirects=False)
+                    break
+                except httpx.ConnectError as e:
+                    log.debug("connect_failed", address=address, port=port, error=str(e))
+                    last_error = e
+                except httpx.TimeoutException as e:
+                    raise RequestTimeout(f"{method} https://{host_header}{target}: {e!r}") from e
+                except httpx.HTTPError as e:
+                    raise RequestFailed(f"{method} https://{host_header}{target}: {e!r}") from e
+            if response is None:
+                raise RequestFailed(
+                    f"cannot connect to {host_header} ({host}:{port}): {last_error!r}"
+                )
+        if scope.cancelled_caught:
+            if response is not None:
+                await response.aclose()
+            raise RequestTimeout(f"{method} https://{host_header}{target} took over {limit} s")
+        assert response is not None
+        try:
+            yield StreamedResponse(response.status_code, response.headers, address, response)
+        finally:
+            await response.aclose()
+
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.aclose()
+        while self._stream_pools:
+            await self._stream_pools.popitem()[1].aclose()

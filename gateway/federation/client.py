@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import ssl
 import time
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, cast
 
 import httpx
@@ -21,7 +22,7 @@ from signedjson.types import SigningKey
 
 from gateway.matrix.xmatrix import sign_request
 
-from ._http import DEFAULT_MAX_RESPONSE_SIZE, HttpResponse, OutboundHttp
+from ._http import DEFAULT_MAX_RESPONSE_SIZE, HttpResponse, OutboundHttp, StreamedResponse
 from .address_guard import DEFAULT_IP_RANGE_BLACKLIST, AddressGuard
 from .discovery import ServerDiscovery
 from .errors import (
@@ -38,6 +39,7 @@ from .resolver import DnspythonResolver, Resolver
 __all__ = [
     "FederationClient",
     "HttpResponse",
+    "StreamedResponse",
     "XMatrixAuth",
     "x_matrix_authorization",
 ]
@@ -137,6 +139,7 @@ class FederationClient:
         target: str,
         *,
         json_body: Any = None,
+        content: bytes | None = None,
         sign: bool = True,
         headers: Mapping[str, str] | None = None,
         time_limit: float | None = None,
@@ -145,12 +148,12 @@ class FederationClient:
         """Send ``method target`` to the server ``destination``; any status is returned.
 
         ``target`` is the raw path and query (already percent-encoded), exactly as it will
-        be signed and sent. The request is signed when ``sign`` is true and the client has
+        be signed and sent. ``content`` is a body sent as given (``json_body`` is encoded
+        instead, when set). The request is signed when ``sign`` is true and the client has
         an origin and a signing key. The whole call, discovery included, is bounded by
         ``time_limit`` (default: the configured ``request_timeout``).
         """
         limit = self.http.request_timeout if time_limit is None else time_limit
-        content = None
         all_headers = dict(headers or {})
         if json_body is not None:
             content = json.dumps(json_body, ensure_ascii=False).encode("utf-8")
@@ -185,6 +188,58 @@ class FederationClient:
             assert last_error is not None
             raise last_error
         raise RequestTimeout(f"{method} {destination}{target} took over {limit} s")
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        destination: str,
+        target: str,
+        *,
+        headers: Sequence[tuple[str, str]],
+        content: bytes | None,
+        time_limit: float | None = None,
+    ) -> AsyncIterator[StreamedResponse]:
+        """Send a request exactly as given (already signed, if it is signed) to the server
+        ``destination`` and yield its response with the body still to be read.
+
+        Discovery and everything up to the response head are bounded by ``time_limit``
+        (default: the configured ``request_timeout``). Endpoints are tried in turn while
+        nothing could be sent to them.
+        """
+        limit = self.http.request_timeout if time_limit is None else time_limit
+        deadline = trio.current_time() + limit
+        with trio.move_on_after(limit) as scope:
+            resolved = await self.discovery.resolve(destination)
+        if scope.cancelled_caught:
+            raise RequestTimeout(f"finding {destination} took over {limit} s")
+        last_error: FederationError | None = None
+        async with AsyncExitStack() as stack:
+            for endpoint in resolved.endpoints:
+                opened = self.http.stream(
+                    method,
+                    host=endpoint.host,
+                    port=endpoint.port,
+                    target=target,
+                    tls_name=resolved.tls_name,
+                    host_header=resolved.host_header,
+                    verify_name=destination,
+                    headers=headers,
+                    content=content,
+                    time_limit=max(0.001, deadline - trio.current_time()),
+                )
+                try:
+                    response = await stack.enter_async_context(opened)
+                except (RequestTimeout, ResponseTooLarge):
+                    raise
+                except (RequestFailed, AddressRefused, DiscoveryError) as e:
+                    # Nothing was answered from this endpoint; another SRV target may work.
+                    last_error = e
+                    continue
+                yield response
+                return
+        assert last_error is not None
+        raise last_error
 
     async def get_json(self, destination: str, target: str, **kwargs: Any) -> Any:
         """GET and parse a 2xx JSON response; :class:`ResponseError` otherwise."""

@@ -198,6 +198,18 @@ class HomeserverStateReader:
             self._state_after.popitem(last=False)
         return state
 
+    async def event(self, event_id: str) -> Mapping[str, Any] | None:
+        """One event as the homeserver has it (``/event/{eventId}``), or None when the
+        homeserver does not have it or will not show it to itself."""
+        status, body = await self._get(f"/_matrix/federation/v1/event/{_segment(event_id)}")
+        if status in (403, 404):
+            return None
+        pdus = body.get("pdus") if isinstance(body, dict) else None
+        if status != 200 or not isinstance(pdus, list) or not pdus or not isinstance(pdus[0], dict):
+            raise _unexpected("event", status)
+        event: Mapping[str, Any] = pdus[0]
+        return event
+
     async def _get(self, path: str, query: str = "") -> tuple[int, Any]:
         target = path + ("?" + query if query else "")
         authorization = sign_request(

@@ -42,6 +42,30 @@ def homeserver_settings(config: GatewayConfig, name: str | None = None) -> dict[
     }
 
 
+#: The name the homeserver's config gives the gateway's outbound listener.
+OUTBOUND_INSTANCE = "gateway"
+
+
+def outbound_synapse_settings(host: str, port: int, secret: str) -> dict[str, Any]:
+    """Settings that make Synapse send all its outbound federation through the gateway."""
+    return {
+        # Synapse sends the secret as "Proxy-Authorization: Bearer <secret>".
+        "worker_replication_secret": secret,
+        "instance_map": {OUTBOUND_INSTANCE: {"host": host, "port": port}},
+        "outbound_federation_restricted_to": [OUTBOUND_INSTANCE],
+    }
+
+
+OUTBOUND_HEADER = """\
+#
+# Outbound edge ([outbound] is enabled): Synapse sends every outbound federation request
+# to the gateway's outbound listener, which sends it on (and our invites as v3 where the
+# destination has the endpoint). worker_replication_secret must equal outbound.secret; if
+# the homeserver already has one (workers), put that value in outbound.secret instead. If
+# instance_map already exists, add the "gateway" entry to it.
+"""
+
+
 HEADER = """\
 # Settings for the homeserver's config (homeserver.yaml); then restart the homeserver.
 #
@@ -94,6 +118,13 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(str(e), file=sys.stderr)
         return 1
+    outbound = config.outbound
+    if outbound.enabled:
+        bind = outbound.bind
+        host = "127.0.0.1" if bind.host == "localhost" else bind.host
+        settings.update(outbound_synapse_settings(host, bind.port, outbound.secret))
     print(HEADER, end="")
+    if outbound.enabled:
+        print(OUTBOUND_HEADER, end="")
     print(to_yaml(settings), end="")
     return 0

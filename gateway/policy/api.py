@@ -15,6 +15,8 @@ Hooks (all optional, at least one must exist):
 * ``async def on_invite(ctx: InviteContext, options) -> Decision``: v1, v2 and v3 invites.
 * ``async def on_join(ctx: JoinContext, options) -> Decision``: make_join and send_join.
 * ``async def on_knock(ctx: KnockContext, options) -> Decision``: make_knock and send_knock.
+* ``async def on_outbound(ctx: OutboundContext, options) -> Decision``: every federation
+  request our homeserver sends (with ``[outbound]`` on): egress rules.
 * ``def validate_options(options: Mapping[str, Any]) -> Any``: called once when the policy
   is loaded (start, reload, ``gateway check``) with the ``options`` table of its
   configuration entry. Raise :class:`OptionsError` naming the bad key; whatever it returns is
@@ -61,6 +63,8 @@ __all__ = [
     "KnockStage",
     "MemoryTools",
     "OptionsError",
+    "OutboundContext",
+    "OutboundKind",
     "PolicyTools",
     "RateLimitResult",
     "allow",
@@ -366,11 +370,73 @@ class KnockContext:
         return server_of(self.user)
 
 
-Context: TypeAlias = InviteContext | JoinContext | KnockContext
+OutboundKind = Literal[
+    "send",
+    "invite",
+    "make_join",
+    "send_join",
+    "make_knock",
+    "send_knock",
+    "make_leave",
+    "send_leave",
+    "query",
+    "keys",
+    "media",
+    "room",
+    "user",
+    "other",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboundContext:
+    """A federation request our homeserver is sending to another server (the outbound edge:
+    the homeserver's federation traffic leaves through the gateway).
+
+    Verified: the request came from our homeserver (its proxy secret). ``destination`` is the
+    server it is addressed to. For invites, ``event`` is the invite our user sent (else None);
+    ``room_id`` is the room named in the path, or "" when the request names none (a
+    transaction carries events of many rooms).
+
+    Example::
+
+        async def on_outbound(ctx: OutboundContext, options: Any) -> Decision:
+            if ctx.destination.endswith(".spam.example"):
+                return deny(f"this server does not federate with {ctx.destination}")
+            return allow()
+
+    A deny is answered to the homeserver, which reports the failure (to the inviting user,
+    for an invite) and retries transactions later with its usual back-off. ``drop`` is not
+    possible here.
+    """
+
+    destination: str
+    #: The endpoint class of the request, from its path.
+    kind: OutboundKind
+    method: str
+    #: The request's path, percent-decoded, without the query.
+    path: str
+    #: Our server: the request's origin.
+    origin: str
+    room_id: str = ""
+    #: The invite event (``kind == "invite"``), as our homeserver signed it.
+    event: Mapping[str, Any] | None = None
+    request_id: str = ""
+    tools: PolicyTools = field(default_factory=_default_tools, compare=False, repr=False)
+
+    @property
+    def sender(self) -> str:
+        """The inviting user for an invite, else ""."""
+        sender = self.event.get("sender") if self.event is not None else None
+        return sender if isinstance(sender, str) else ""
+
+
+Context: TypeAlias = InviteContext | JoinContext | KnockContext | OutboundContext
 
 InviteHook: TypeAlias = Callable[[InviteContext, Any], Awaitable[Decision]]
 JoinHook: TypeAlias = Callable[[JoinContext, Any], Awaitable[Decision]]
 KnockHook: TypeAlias = Callable[[KnockContext, Any], Awaitable[Decision]]
+OutboundHook: TypeAlias = Callable[[OutboundContext, Any], Awaitable[Decision]]
 
 # --- small helpers ------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ from gateway.policy.api import (
     JoinContext,
     KnockContext,
     MemoryTools,
+    OutboundContext,
     PolicyTools,
     allow,
 )
@@ -188,7 +189,7 @@ class _Active:
 
 
 class PolicyEngine:
-    """Decides invites, joins and knocks with the current :class:`PolicySet`.
+    """Decides invites, joins, knocks and outbound requests with the current :class:`PolicySet`.
 
     ``store`` holds the audit trail and the shared rate-limit buckets; without one (tests,
     ``gateway policy test``) nothing is audited and buckets live in memory. ``clock`` gives
@@ -230,6 +231,7 @@ class PolicyEngine:
             "invite": policy_set.for_point("invite"),
             "join": policy_set.for_point("join"),
             "knock": policy_set.for_point("knock"),
+            "outbound": policy_set.for_point("outbound"),
         }
         tools: dict[str, PolicyTools] = {}
         for p in policy_set.policies:
@@ -293,11 +295,19 @@ class PolicyEngine:
     async def decide_knock(self, ctx: KnockContext) -> Outcome:
         return await self._decide("knock", ctx.stage, ctx)
 
+    def has_outbound_policies(self) -> bool:
+        """Whether any policy has an ``on_outbound`` hook (else every request is allowed
+        without logging a decision per transaction)."""
+        return bool(self._active.chains["outbound"])
+
+    async def decide_outbound(self, ctx: OutboundContext) -> Outcome:
+        return await self._decide("outbound", "outbound", ctx)
+
     async def _decide(
         self,
         point: DecisionPoint,
         stage: str,
-        ctx: InviteContext | JoinContext | KnockContext,
+        ctx: InviteContext | JoinContext | KnockContext | OutboundContext,
     ) -> Outcome:
         active = self._active
         shadow: list[ShadowResult] = []
@@ -354,7 +364,7 @@ class PolicyEngine:
         policy: LoadedPolicy,
         point: DecisionPoint,
         stage: str,
-        ctx: InviteContext | JoinContext | KnockContext,
+        ctx: InviteContext | JoinContext | KnockContext | OutboundContext,
     ) -> tuple[Decision, FailureKind | None]:
         hook = policy.hooks[point]
         failure: FailureKind
@@ -408,13 +418,18 @@ class PolicyEngine:
     def _record(
         self,
         stage: str,
-        ctx: InviteContext | JoinContext | KnockContext,
+        ctx: InviteContext | JoinContext | KnockContext | OutboundContext,
         policy: str,
         decision: Decision,
         mode: str,
     ) -> AuditRecord:
+        sender: str
+        target: str | None
         if isinstance(ctx, InviteContext):
             sender, target = ctx.inviter, ctx.invitee
+        elif isinstance(ctx, OutboundContext):
+            # Outbound: our server (or the inviting user) towards the destination.
+            sender, target = ctx.sender or ctx.origin, ctx.destination
         else:
             sender, target = ctx.user, None
         return AuditRecord(

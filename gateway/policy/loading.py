@@ -51,13 +51,14 @@ __all__ = [
 
 Mode = Literal["enforce", "shadow"]
 OnError = Literal["closed", "open"]
-DecisionPoint = Literal["invite", "join", "knock"]
+DecisionPoint = Literal["invite", "join", "knock", "outbound"]
 
 #: decision point -> the hook a policy module defines for it
 HOOK_NAMES: Mapping[DecisionPoint, str] = {
     "invite": "on_invite",
     "join": "on_join",
     "knock": "on_knock",
+    "outbound": "on_outbound",
 }
 DEFAULT_TIMEOUT = 2.0
 MAX_TIMEOUT = 60.0

@@ -272,6 +272,8 @@ def gateway_thread(
             config,
             public=replace(config.public, bind=BindAddress("127.0.0.1", 0)),
             internal=replace(config.internal, bind=BindAddress("127.0.0.1", 0)),
+            # The stack's own gateway is the homeserver's outbound edge.
+            outbound=replace(config.outbound, enabled=False),
             # Its own SQLite database: the gateway process of the stack keeps the stack's.
             # A PostgreSQL store is shared, as replicas share it.
             store=replace(config.store, sqlite_path=db_path)
