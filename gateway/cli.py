@@ -243,6 +243,12 @@ COMMANDS: list[Command] = [
         _demo,
     ),
     Command(
+        "demo-peer",
+        "act as a remote server towards the running demo: a v3 invite, a restricted join, a knock",
+        lambda parser: importlib.import_module("gateway.demo_peer").add_arguments(parser),
+        lazy("gateway.demo_peer"),
+    ),
+    Command(
         "decisions",
         "list the admission decisions in the audit trail",
         _decisions_arguments,
