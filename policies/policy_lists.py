@@ -9,6 +9,7 @@ Options::
     options.policy_rooms = ["!banlist:example.org"] # policy rooms to follow (optional)
     options.refresh_seconds = 60                    # how often to re-read them (default 60)
     options.invite_action = "drop"                  # or "deny" (default)
+    options.outbound = true                         # refuse to send to banned servers
 
 A file holds the state events of a policy room, as a client's ``/state`` returns them (a list
 of ``{"type": ..., "state_key": ..., "content": {"entity": ..., "recommendation": "m.ban",
@@ -34,6 +35,10 @@ How bans apply (following the spec's suggestions for ``m.ban``):
   rooms created on it, and joins and knocks by its users;
 * a **room** rule refuses invites to, joins of and knocks on that room ID.
 
+With ``outbound = true`` (and the outbound edge, ``[outbound]``, on) a **server** rule also
+refuses every federation request our homeserver would send to that server, and a **room**
+rule our invites and joins for that room; without it outbound traffic is not looked at.
+
 Server entities are matched against the server name with and without its port. Legacy event
 types (``m.room.rule.*``, ``org.matrix.mjolnir.rule.*``) and the ``org.matrix.mjolnir.ban``
 recommendation are accepted too. Rules with empty content (removed rules) are ignored.
@@ -55,13 +60,14 @@ from gateway.policy.api import (
     JoinContext,
     KnockContext,
     OptionsError,
+    OutboundContext,
     PolicyTools,
     allow,
     deny,
     drop,
 )
 
-from ._options import check_known, choice, positive_number
+from ._options import boolean, check_known, choice, positive_number
 
 _log = logging.getLogger(__name__)
 
@@ -203,6 +209,8 @@ class Options:
     bans: BanList
     invite_action: str
     follower: RoomFollower | None = None
+    #: apply server bans to our homeserver's outbound requests too
+    outbound: bool = False
 
     async def current_bans(self, tools: PolicyTools) -> BanList:
         """The rules in force now: the files', plus the followed rooms' when there are any."""
@@ -245,7 +253,7 @@ def _policy_rooms(options: Mapping[str, Any]) -> tuple[str, ...]:
 def validate_options(options: Mapping[str, Any], *, base_dir: Path | None = None) -> Options:
     """``base_dir``: what relative ``files`` are relative to (the gateway passes the
     configuration file's directory; None, for a direct call, means the working directory)."""
-    check_known(options, {"files", "invite_action", "policy_rooms", "refresh_seconds"})
+    check_known(options, {"files", "invite_action", "outbound", "policy_rooms", "refresh_seconds"})
     files = options.get("files", [])
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise OptionsError("files", f"must be a list of file paths, got {files!r}")
@@ -266,6 +274,7 @@ def validate_options(options: Mapping[str, Any], *, base_dir: Path | None = None
         BanList(events),
         choice(options, "invite_action", "deny", "deny", "drop"),
         follower,
+        boolean(options, "outbound", False),
     )
 
 
@@ -311,4 +320,14 @@ async def on_knock(ctx: KnockContext, options: Options) -> Decision:
         ("server", ctx.user_server, "server"),
         ("room", ctx.room_id, "room"),
     )
+    return allow() if problem is None else deny(problem)
+
+
+async def on_outbound(ctx: OutboundContext, options: Options) -> Decision:
+    if not options.outbound:
+        return allow()
+    checks = [("server", ctx.destination, "server")]
+    if ctx.room_id:
+        checks.append(("room", ctx.room_id, "room"))
+    problem = _refusal(await options.current_bans(ctx.tools), *checks)
     return allow() if problem is None else deny(problem)

@@ -12,6 +12,11 @@ Options (all optional)::
     options.allow_creator_servers = []
     options.deny_ip_literals = true                # refuse servers named 1.2.3.4 or [::1]
     options.invite_action = "deny"                 # or "drop": what a refused invite gets
+    options.deny_destinations = ["*.spam.example"] # outbound: servers our homeserver may not
+    options.allow_destinations = []                # send to; if non-empty, only these
+
+Destination rules need the outbound edge (``[outbound]``): they refuse every federation
+request our homeserver would send to the server (invites, messages, joins, queries).
 
 Creator servers are reliable only for invites that carry a verified create event (v3). A deny
 rule applies to whatever the invite claims (a server lying about its room's creator gains
@@ -32,6 +37,7 @@ from gateway.policy.api import (
     InviteContext,
     JoinContext,
     KnockContext,
+    OutboundContext,
     allow,
     deny,
     drop,
@@ -51,6 +57,8 @@ class Rules:
     allow_creator_servers: GlobSet
     deny_ip_literals: bool
     invite_action: str
+    deny_destinations: GlobSet
+    allow_destinations: GlobSet
 
 
 _GLOB_KEYS = (
@@ -60,6 +68,8 @@ _GLOB_KEYS = (
     "allow_inviter_servers",
     "deny_creator_servers",
     "allow_creator_servers",
+    "deny_destinations",
+    "allow_destinations",
 )
 
 
@@ -113,6 +123,16 @@ async def on_invite(ctx: InviteContext, rules: Rules) -> Decision:
 async def on_join(ctx: JoinContext, rules: Rules) -> Decision:
     problem = _server_problem(rules, ctx.origin, ctx.user_server)
     return allow() if problem is None else deny(problem)
+
+
+async def on_outbound(ctx: OutboundContext, rules: Rules) -> Decision:
+    destination = ctx.destination
+    refused = rules.deny_destinations.match(destination) or (
+        bool(rules.allow_destinations) and not rules.allow_destinations.match(destination)
+    )
+    if refused:
+        return deny(f"this server does not federate with {destination}")
+    return allow()
 
 
 async def on_knock(ctx: KnockContext, rules: Rules) -> Decision:

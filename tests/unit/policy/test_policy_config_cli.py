@@ -132,7 +132,7 @@ def test_check_policies_reports_import_and_option_problems(
         "policies[1].module: cannot import 'policies.does_not_exist': ModuleNotFoundError"
     )
     assert problems[2] == (
-        "policies[2].module: 'nohooks.py' defines none of on_invite, on_join, on_knock"
+        "policies[2].module: 'nohooks.py' defines none of on_invite, on_join, on_knock, on_outbound"
     )
     assert problems[3] == "policies[3].module: synchook.py.on_invite must be an async def"
     assert len(problems) == 4
