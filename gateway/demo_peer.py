@@ -46,7 +46,6 @@ import trio
 from nacl.signing import SigningKey
 
 from gateway.config import ConfigError, load_config
-from gateway.demo import DEFAULT_DATA_DIR, DEMO_FILE
 from gateway.homeserver.synapse import HomeserverError, register_user
 from gateway.matrix.canonical_json import encode_canonical_json
 from gateway.matrix.events import JsonDict, compute_event_id, compute_room_id
@@ -54,7 +53,6 @@ from gateway.matrix.room_versions import ROOM_VERSIONS, Disposition, get_room_ve
 from gateway.matrix.signing import key_id_of, sign_event, sign_json
 from gateway.matrix.unpadded_base64 import encode_base64
 from gateway.matrix.xmatrix import sign_request
-from gateway.notary.certificate import ensure_self_signed_certificate
 from gateway.policy.audit import AuditRecord, query_decisions
 
 __all__ = ["DemoInfo", "Peer", "main"]
@@ -88,8 +86,11 @@ class DemoInfo:
     gateway_config: Path
 
     @classmethod
-    def read(cls, data_dir: Path) -> DemoInfo:
-        path = data_dir / DEMO_FILE
+    def read(cls, data_dir: Path | None) -> DemoInfo:
+        # Imported here: building the `gateway` command line must stay light.
+        from gateway.demo import DEFAULT_DATA_DIR, DEMO_FILE
+
+        path = (data_dir or DEFAULT_DATA_DIR) / DEMO_FILE
         try:
             data = json.loads(path.read_text(encoding="utf8"))
         except FileNotFoundError:
@@ -185,6 +186,8 @@ class Peer:
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+        from gateway.notary.certificate import ensure_self_signed_certificate
 
         with tempfile.TemporaryDirectory(prefix="gateway-demo-peer-") as directory:
             cert, key = ensure_self_signed_certificate(Path(directory), "localhost")
@@ -588,7 +591,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument(
             "--data-dir",
             type=Path,
-            default=DEFAULT_DATA_DIR,
+            default=None,
             metavar="DIR",
             help="the running demo's data directory (default: demo-data)",
         )
