@@ -565,6 +565,10 @@ Then log in through the gateway:
 "password": "alice-password"}}'
 
 Federation requests for {stack.server_name} go to {stack.gateway_url}.
+Play a remote server that sends a v3 invite, a restricted join or a knock (README):
+  {sys.executable} -m gateway demo-peer invite --to @alice:{stack.server_name} \
+      --data-dir {stack.data_dir}
+
 Press Ctrl-C to stop.
 """
 
