@@ -4,16 +4,19 @@ Subcommands are entries in :data:`COMMANDS`; a new one is a :class:`Command` wit
 that adds its arguments and a function that runs it. Heavy modules are imported only when
 their subcommand runs (see :func:`lazy`).
 
-Exit status: 0 success, 1 invalid configuration (or a failure to start), 2 for
-``gateway check`` when the configuration is valid but the homeserver does not answer, or
+Exit status: 0 success, 1 invalid configuration (or a failure to start; for ``gateway
+check`` also a ``server.server_name`` or signing key copy that is not the homeserver's own),
+2 for ``gateway check`` when the configuration is valid but the homeserver does not answer, or
 the notary check fails (the homeserver does not use the gateway's notary, or the chain
-homeserver -> notary -> delegation key does not verify).
+homeserver -> notary -> delegation key does not verify). A notary the homeserver backs off
+after an earlier failure is not a failure: the check ends the backoff and says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import ssl
 import sys
 from collections.abc import Callable, Sequence
@@ -107,7 +110,13 @@ def _check(args: argparse.Namespace) -> int:
 
     import trio
 
-    return trio.run(_check_homeserver, config)
+    from gateway.logging import configure_logging
+
+    # The notary the probe may run logs as a running gateway does; check prints only its
+    # own lines.
+    with open(os.devnull, "w") as discard:
+        configure_logging("json", "error", stream=discard)
+        return trio.run(_check_homeserver, config)
 
 
 async def _check_homeserver(config: GatewayConfig) -> int:
@@ -138,14 +147,72 @@ async def _check_homeserver(config: GatewayConfig) -> int:
         return EXIT_HOMESERVER
     name, version = server.get("name", "?"), server.get("version", "?")
     print(f"homeserver {hs.url}: ok ({name} {version})")
+    status = await _check_identity(config)
+    if status != EXIT_OK:
+        return status
     if config.server.signing_key_path is not None:
         from gateway.notary.probe import check_homeserver_uses_notary
 
-        ok, detail = await check_homeserver_uses_notary(config)
-        if not ok:
-            print(f"notary: {detail}", file=sys.stderr)
+        result = await check_homeserver_uses_notary(config)
+        if not result.ok:
+            print(f"notary: {result.detail}", file=sys.stderr)
             return EXIT_HOMESERVER
-        print(f"notary: ok ({detail})")
+        for note in result.notes:
+            print(f"notary: {note}")
+        print(f"notary: ok ({result.detail})")
+    return EXIT_OK
+
+
+async def _check_identity(config: GatewayConfig) -> int:
+    """server.server_name and the signing key copy against what the homeserver publishes."""
+    import httpx
+
+    from gateway.homeserver.identity import SERVER_KEYS_PATH, identity_problems, parse_server_keys
+
+    hs = config.homeserver
+    timeout = httpx.Timeout(hs.read_timeout, connect=hs.connect_timeout)
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            response = await client.get(hs.url + SERVER_KEYS_PATH)
+        keys = parse_server_keys(response.json() if response.status_code == 200 else None)
+    except (httpx.HTTPError, ValueError) as e:
+        print(
+            f"homeserver {hs.url} (homeserver.url) answered GET {SERVER_KEYS_PATH} without its "
+            f"name and keys: {e}",
+            file=sys.stderr,
+        )
+        return EXIT_HOMESERVER
+    signing_key = None
+    path = config.server.signing_key_path
+    if path is not None:
+        from gateway.services import load_homeserver_signing_key
+
+        try:
+            signing_key = load_homeserver_signing_key(path)
+        except (OSError, ValueError) as e:
+            print(
+                f"invalid configuration:\n  server.signing_key_path: cannot read a signing key "
+                f"from {path}: {e}",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+    problems = identity_problems(
+        keys,
+        server_name=config.server.server_name,
+        homeserver_url=hs.url,
+        signing_key=signing_key,
+        signing_key_path=path,
+    )
+    if problems:
+        lines = "\n".join(f"  {p}" for p in problems)
+        print(
+            f"the configuration does not match the homeserver (its GET {SERVER_KEYS_PATH}):\n"
+            + lines,
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    what = "server name and signing key" if signing_key is not None else "server name"
+    print(f'homeserver {hs.url}: "{keys.server_name}", {what} as configured')
     return EXIT_OK
 
 

@@ -1,7 +1,8 @@
 """The notary's endpoints on the internal listener.
 
-Only our homeserver may ask: requests must carry an X-Matrix signature by the homeserver's
-own key (the gateway holds a copy), addressed to the notary's name.
+Only our homeserver may ask for keys: queries must carry an X-Matrix signature by the
+homeserver's own key (the gateway holds a copy), addressed to the notary's name. The notary's
+own key (``/_matrix/key/v2/server``) is public, as every server's is.
 """
 
 from __future__ import annotations
@@ -76,8 +77,14 @@ async def on_query_get(request: Request) -> Response:
     return Response.json(answer)
 
 
+async def on_server_keys(request: Request) -> Response:
+    # Unauthenticated, like every server's: the homeserver fetches it unsigned.
+    return Response.json(_notary(request).own_server_keys())
+
+
 def install(router: Router, services: Services) -> None:
     if services.notary is None:
         return
+    router.add("GET", "/_matrix/key/v2/server", on_server_keys, name="notary_server_keys")
     router.add("POST", "/_matrix/key/v2/query", on_query_post, name="notary_query")
     router.add("GET", "/_matrix/key/v2/query/{serverName}", on_query_get, name="notary_query")

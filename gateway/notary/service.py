@@ -39,6 +39,8 @@ class VouchRecords(Protocol):
 
 # How long the notary waits for one remote server's keys before answering without them.
 _FETCH_TIMEOUT_S = 10.0
+# How long the notary's own published key is valid; it is only ever fetched by our homeserver.
+OWN_KEY_VALIDITY_MS = 60 * 60 * 1000
 
 
 class Notary:
@@ -69,6 +71,23 @@ class Notary:
         key = self.delegation.current(origin, now)
         await self.vouches.record(origin, self.delegation.period_at(now), key.valid_until_ts)
         return key
+
+    def own_server_keys(self) -> dict[str, Any]:
+        """The notary's own key, self-signed, as every server publishes it at
+        ``/_matrix/key/v2/server``.
+
+        The homeserver never needs it to trust the notary (``trusted_key_servers`` holds the
+        key), but fetching it is a request to the notary that succeeds: Synapse makes such a
+        fetch even while it backs off the notary, and its success ends the backoff.
+        """
+        return self.key.sign(
+            {
+                "server_name": self.key.server_name,
+                "valid_until_ts": self.clock_ms() + OWN_KEY_VALIDITY_MS,
+                "verify_keys": {self.key.key_id: {"key": self.key.verify_key_base64}},
+                "old_verify_keys": {},
+            }
+        )
 
     async def _delegations(self, server_name: str, now: int) -> list[dict[str, Any]]:
         if server_name == self.homeserver_name:

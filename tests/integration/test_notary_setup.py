@@ -58,6 +58,8 @@ def test_check_fails_when_the_homeserver_does_not_trust_this_notary(
     config["notary"]["server_name"] = "localhost:1"
     config["internal"]["bind"] = "127.0.0.1:0"
     config["public"]["bind"] = "127.0.0.1:0"
+    if "outbound" in config:
+        config["outbound"]["bind"] = "127.0.0.1:0"  # the running gateway has the stack's port
     config["store"]["sqlite_path"] = str(tmp_path / "other.db")
     key = Path(config["server"]["signing_key_path"])
     if not key.is_absolute():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -9,12 +10,32 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import signedjson.key
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from gateway.app import Listening, RouteInstaller, serve
 from gateway.config import GatewayConfig, parse_config
+
+#: The fake homeserver's name and signing key, as its ``/_matrix/key/v2/server`` says.
+FAKE_HOMESERVER_NAME = "hs.test"
+# Fixed, not generated: pytest may import this module twice (as conftest and by name).
+FAKE_HOMESERVER_KEY = signedjson.key.decode_signing_key_base64(
+    "ed25519", "a_fake", "ZmFrZSBob21lc2VydmVyIGtleSBmb3IgdGVzdHMgISE"
+)
+FAKE_HOMESERVER_KEYS = {
+    "server_name": FAKE_HOMESERVER_NAME,
+    "valid_until_ts": 4_000_000_000_000,
+    "verify_keys": {
+        "ed25519:a_fake": {
+            "key": signedjson.key.encode_verify_key_base64(
+                signedjson.key.get_verify_key(FAKE_HOMESERVER_KEY)
+            )
+        }
+    },
+    "old_verify_keys": {},
+}
 
 
 @dataclass
@@ -74,6 +95,8 @@ class FakeHomeserver:
         path = scope["path"]
         if path == "/_matrix/federation/v1/version":
             await _json(send, 200, b'{"server":{"name":"Fake","version":"1.0"}}')
+        elif path == "/_matrix/key/v2/server":
+            await _json(send, 200, json.dumps(FAKE_HOMESERVER_KEYS).encode())
         elif path == "/_matrix/slow":
             await trio.sleep(30)
             await _json(send, 200, b"{}")
