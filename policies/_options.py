@@ -17,11 +17,12 @@ def check_known(options: Mapping[str, Any], known: set[str], prefix: str = "") -
             raise OptionsError(prefix + key, f"unknown option (known: {', '.join(sorted(known))})")
 
 
-def globs(options: Mapping[str, Any], key: str) -> GlobSet:
+def globs(options: Mapping[str, Any], key: str, *, ignore_case: bool = False) -> GlobSet:
+    """``ignore_case`` for globs of server names (see :class:`GlobSet`)."""
     value = options.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise OptionsError(key, f"must be a list of non-empty glob strings, got {value!r}")
-    return GlobSet(value)
+    return GlobSet(value, ignore_case=ignore_case)
 
 
 def boolean(options: Mapping[str, Any], key: str, default: bool) -> bool:

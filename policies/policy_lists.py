@@ -39,9 +39,12 @@ With ``outbound = true`` (and the outbound edge, ``[outbound]``, on) a **server*
 refuses every federation request our homeserver would send to that server, and a **room**
 rule our invites and joins for that room; without it outbound traffic is not looked at.
 
-Server entities are matched against the server name with and without its port. Legacy event
-types (``m.room.rule.*``, ``org.matrix.mjolnir.rule.*``) and the ``org.matrix.mjolnir.ban``
-recommendation are accepted too. Rules with empty content (removed rules) are ignored.
+Server entities are matched against the server name with and without its port, ignoring the
+case of ASCII letters (as server ACLs are); user and room entities are case-sensitive, as
+user and room IDs are (``@Spam:example.org`` is another user than ``@spam:example.org``).
+Legacy event types (``m.room.rule.*``, ``org.matrix.mjolnir.rule.*``) and the
+``org.matrix.mjolnir.ban`` recommendation are accepted too. Rules with empty content
+(removed rules) are ignored.
 """
 
 from __future__ import annotations
@@ -114,7 +117,12 @@ class BanList:
             reason = content.get("reason")
             rules[kind].append(Rule(kind, entity, reason if isinstance(reason, str) else ""))
         self._rules = {kind: tuple(found) for kind, found in rules.items()}
-        self._globs = {kind: GlobSet(r.entity for r in found) for kind, found in rules.items()}
+        # Server entities ignore case, like server ACLs (DNS does not tell EVIL.example from
+        # evil.example); user and room IDs are case-sensitive identifiers.
+        self._globs = {
+            kind: GlobSet((r.entity for r in found), ignore_case=kind == "server")
+            for kind, found in rules.items()
+        }
 
     def __len__(self) -> int:
         return sum(len(r) for r in self._rules.values())

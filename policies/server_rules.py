@@ -15,6 +15,11 @@ Options (all optional)::
     options.deny_destinations = ["*.spam.example"] # outbound: servers our homeserver may not
     options.allow_destinations = []                # send to; if non-empty, only these
 
+Server names are matched case-insensitively (``evil.example`` also refuses ``EVIL.Example``),
+as the spec has it for server ACLs: DNS does not tell the two apart, so whoever runs one can
+run the other. Identity checks elsewhere stay exact (a user of ``EVIL.Example`` is not a user
+of ``evil.example``).
+
 Destination rules need the outbound edge (``[outbound]``): they refuse every federation
 request our homeserver would send to the server (invites, messages, joins, queries).
 
@@ -76,7 +81,7 @@ _GLOB_KEYS = (
 def validate_options(options: Mapping[str, Any]) -> Rules:
     check_known(options, {*_GLOB_KEYS, "deny_ip_literals", "invite_action"})
     return Rules(
-        **{key: globs(options, key) for key in _GLOB_KEYS},
+        **{key: globs(options, key, ignore_case=True) for key in _GLOB_KEYS},
         deny_ip_literals=boolean(options, "deny_ip_literals", False),
         invite_action=choice(options, "invite_action", "deny", "deny", "drop"),
     )

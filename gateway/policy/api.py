@@ -518,41 +518,71 @@ def _has_additional_creators(room_version: str) -> bool:
 
 class GlobSet:
     """Matrix-style globs (``*`` any run of characters, ``?`` exactly one), as used by
-    moderation policy lists and server ACLs. Case-sensitive, like server names.
+    moderation policy lists and server ACLs.
+
+    Case-sensitive by default, like user and room IDs. With ``ignore_case=True`` ASCII
+    letters match either case, which is how server names must be matched: the spec makes
+    server ACL globs case-insensitive, and DNS resolves ``EVIL.example`` to the same host as
+    ``evil.example``, so a deny rule must not be dodged by changing case. (Server names as
+    identifiers are still compared exactly: ``@u:EVIL.example`` is not ``@u:evil.example``.)
 
     >>> GlobSet(["*.evil.example", "spam?.org"]).match("a.evil.example")
     '*.evil.example'
+    >>> GlobSet(["evil.example"], ignore_case=True).match("EVIL.Example")
+    'evil.example'
     """
 
-    __slots__ = ("_exact", "_patterns", "_regex")
+    __slots__ = ("_exact", "_fold", "_patterns", "_regex")
 
-    def __init__(self, patterns: Iterable[str]) -> None:
+    def __init__(self, patterns: Iterable[str], *, ignore_case: bool = False) -> None:
         self._patterns: tuple[str, ...] = tuple(patterns)
-        self._exact = frozenset(p for p in self._patterns if "*" not in p and "?" not in p)
-        wild = [p for p in self._patterns if p not in self._exact]
+        self._fold = ignore_case
+        self._exact: dict[str, str] = {}
+        for p in self._patterns:
+            if "*" not in p and "?" not in p:
+                self._exact.setdefault(_ascii_lower(p) if ignore_case else p, p)
+        wild = [p for p in self._patterns if "*" in p or "?" in p]
         self._regex = (
-            re.compile("|".join(f"(?:{_glob_to_regex(p)})" for p in wild), re.DOTALL)
+            re.compile("|".join(f"(?:{_glob_to_regex(p)})" for p in wild), self._flags())
             if wild
             else None
         )
 
+    def _flags(self) -> re.RegexFlag:
+        # re.ASCII with IGNORECASE folds only A-Z/a-z: what DNS means by case (RFC 4343),
+        # and no Unicode look-alike (the Kelvin sign, say) folds into an ASCII letter.
+        return re.DOTALL | (re.IGNORECASE | re.ASCII if self._fold else re.NOFLAG)
+
     @property
     def patterns(self) -> Sequence[str]:
         return self._patterns
+
+    @property
+    def ignore_case(self) -> bool:
+        return self._fold
 
     def __bool__(self) -> bool:
         return bool(self._patterns)
 
     def match(self, text: str) -> str | None:
         """The first pattern that matches all of ``text``, or None."""
-        if text in self._exact:
-            return text
+        exact = self._exact.get(_ascii_lower(text) if self._fold else text)
+        if exact is not None:
+            return exact
         if self._regex is None or self._regex.fullmatch(text) is None:
             return None
+        flags = self._flags()
         for pattern in self._patterns:
-            if re.fullmatch(_glob_to_regex(pattern), text, re.DOTALL):
+            if re.fullmatch(_glob_to_regex(pattern), text, flags):
                 return pattern
         return None  # pragma: no cover - the combined expression matched one of them
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _ascii_lower(text: str) -> str:
+    return text.translate(_ASCII_LOWER)
 
 
 def _glob_to_regex(pattern: str) -> str:
