@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 
 from gateway.errors import MatrixError
-from gateway.features.joins import users_who_can_invite
+from gateway.features.invites import _check_invite_event
+from gateway.features.joins import users_who_can_invite, verify_join_event
 from gateway.features.knocks import check_knock_event
 from gateway.federation.keys import KeyFetchError, verify_server_keys_response
 from gateway.homeserver.state import RoomState
+from gateway.matrix.events import compute_event_id
 from gateway.matrix.identifiers import parse_server_name, parse_user_id
 from gateway.matrix.room_versions import get_room_version
 from gateway.policy.api import Allow, Deny, Drop, GlobSet, MemoryTools, server_of
@@ -69,6 +71,73 @@ def test_a_mixed_case_origin_knocks_for_its_own_users() -> None:
     assert (
         check_knock_event(_knock(sender), room_id="!room:hs.example", origin="Remote.example")
         == sender
+    )
+
+
+def _invite(sender: str, invitee: str) -> dict[str, Any]:
+    return {
+        "type": "m.room.member",
+        "state_key": invitee,
+        "sender": sender,
+        "room_id": "!room:remote.example",
+        "content": {"membership": "invite"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("sender", "invitee"),
+    [
+        ("@bob:Remote.example", "@alice:hs.example"),  # sender of another case than origin
+        ("@bob:remote.example", "@alice:HS.example"),  # invitee of another case than ours
+    ],
+)
+def test_invites_need_the_exact_origin_and_our_exact_server_name(sender: str, invitee: str) -> None:
+    with pytest.raises(MatrixError) as info:
+        _check_invite_event(
+            _invite(sender, invitee),
+            room_id="!room:remote.example",
+            origin="remote.example",
+            our_server="hs.example",
+        )
+    assert (info.value.status, info.value.errcode) == (400, "M_INVALID_PARAM")
+    _check_invite_event(
+        _invite("@bob:remote.example", "@Alice:hs.example"),  # a historical local user
+        room_id="!room:remote.example",
+        origin="remote.example",
+        our_server="hs.example",
+    )
+
+
+async def test_a_joining_user_of_another_case_is_not_a_user_of_the_origin() -> None:
+    version = get_room_version("10")
+    event = {
+        "type": "m.room.member",
+        "state_key": "@bob:Remote.example",
+        "sender": "@bob:Remote.example",
+        "room_id": "!room:hs.example",
+        "content": {"membership": "join"},
+        "origin_server_ts": 1,
+        "depth": 3,
+        "prev_events": [],
+        "auth_events": [],
+    }
+
+    class NoKeys:
+        async def get_verify_key(self, *args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("refused before any key is needed")
+
+    with pytest.raises(MatrixError) as info:
+        await verify_join_event(
+            event,
+            room_id="!room:hs.example",
+            event_id=compute_event_id(event, version),
+            origin="remote.example",
+            version=version,
+            keys=NoKeys(),
+        )
+    assert (info.value.status, info.value.message) == (
+        403,
+        "The joining user does not belong to the origin",
     )
 
 
