@@ -359,7 +359,7 @@ class OutboundApp:
             if answer is not None:
                 await send_response(send, answer.response)
                 return answer.destination_class, ""
-        destination_class = await outbound_invites.known_class(services, request.target.destination)
+        destination_class = outbound_invites.known_class(request.target.destination)
         await forward(services, request, send)
         return destination_class, ""
 

@@ -28,6 +28,8 @@ read all go out as v2, unchanged.
 from __future__ import annotations
 
 import json
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import quote
@@ -110,10 +112,13 @@ async def remembered(services: Services, destination: str) -> Remembered | None:
     if store is None:
         return None
     value = await store.kv_get(_MEMORY, destination, now_ts=now_ms())
-    return value if value in ("v3", "v2") else None  # type: ignore[return-value]
+    known: Remembered | None = value if value in ("v3", "v2") else None  # type: ignore[assignment]
+    _LABELS.put(destination, known or "remote")
+    return known
 
 
 async def remember(services: Services, destination: str, endpoint: Remembered) -> None:
+    _LABELS.put(destination, endpoint)
     store = services.store
     if store is None:
         return
@@ -121,13 +126,35 @@ async def remember(services: Services, destination: str, endpoint: Remembered) -
     await store.kv_set(_MEMORY, destination, endpoint, expires_ts=now_ms() + memory_ms)
 
 
-async def known_class(services: Services, destination: str) -> str:
-    """``v3``/``v2`` for a destination whose invite endpoint is known, else ``remote``."""
-    try:
-        known = await remembered(services, destination)
-    except Exception:
-        return "remote"
-    return known or "remote"
+class _LabelCache:
+    """What this worker last learnt of each destination, for metric labels only: a
+    transaction must not wait for the store to be labelled."""
+
+    def __init__(self, size: int = 4096, ttl_s: float = 300.0) -> None:
+        self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._size = size
+        self._ttl = ttl_s
+
+    def get(self, destination: str) -> str | None:
+        entry = self._entries.get(destination)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, destination: str, label: str) -> None:
+        self._entries[destination] = (time.monotonic() + self._ttl, label)
+        self._entries.move_to_end(destination)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+_LABELS = _LabelCache()
+
+
+def known_class(destination: str) -> str:
+    """``v3``/``v2`` for a destination whose invite endpoint this worker knows, else
+    ``remote``."""
+    return _LABELS.get(destination) or "remote"
 
 
 def _create_event_id(event: dict[str, Any], room_id: str, version: RoomVersion) -> list[str]:
