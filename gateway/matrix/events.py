@@ -17,6 +17,11 @@ from gateway.matrix.unpadded_base64 import decode_base64, encode_base64
 
 JsonDict = dict[str, Any]
 
+#: MSC3760 state sub-keys: the field as the MSC names it while unstable, and once stable. No
+#: room version gives it a meaning yet (see ``RedactionRules.state_subkey_key``).
+STATE_SUBKEY_UNSTABLE = "org.matrix.mscxxxx.state_subkey"
+STATE_SUBKEY = "state_subkey"
+
 
 class InvalidEvent(ValueError):
     """An event that lacks what an operation needs; ``field`` names the culprit."""
@@ -91,6 +96,9 @@ def _redact_shallow(event: Mapping[str, Any], version: RoomVersion) -> JsonDict:
         else _KEPT_TOP_LEVEL
     )
     result = {key: value for key, value in event.items() if key in kept}
+    subkey = version.redaction.state_subkey_key
+    if subkey is not None and subkey in event and "state_key" in event:
+        result[subkey] = event[subkey]
     content = event.get("content")
     if not isinstance(content, dict):
         # Not a valid event; there is nothing in `content` to keep.

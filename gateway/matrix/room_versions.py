@@ -79,6 +79,11 @@ class RedactionRules:
     keep_redaction_redacts: bool
     # v11 "Redactions": `m.room.member` keeps `third_party_invite.signed`.
     keep_third_party_invite_signed: bool
+    # MSC3760 (state sub-keys, unstable): the top-level key that carries a state event's
+    # sub-key and survives redaction, or None. The MSC needs a new room version and none
+    # has one yet, so it is None everywhere: in today's rooms the key is an ordinary
+    # unprotected top-level key (covered by the content hash, removed by redaction).
+    state_subkey_key: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +190,7 @@ V1 = RoomVersion(
         keep_power_levels_invite=False,
         keep_redaction_redacts=False,
         keep_third_party_invite_signed=False,
+        state_subkey_key=None,
     ),
     authorization=AuthorizationRules(
         special_case_aliases=True,

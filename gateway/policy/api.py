@@ -49,6 +49,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeAlias
 
+from gateway.matrix.events import STATE_SUBKEY, STATE_SUBKEY_UNSTABLE
+
 __all__ = [
     "Allow",
     "Decision",
@@ -74,6 +76,7 @@ __all__ = [
     "drop",
     "is_ip_literal",
     "server_of",
+    "state_subkey",
 ]
 
 Endpoint = Literal["v1", "v2", "v3"]
@@ -307,7 +310,8 @@ class InviteContext:
     #: the room. Allow-lists should look at the first entry only.
     creator_servers: tuple[str, ...]
     #: The stripped state sent with the invite, as sent: UNTRUSTED, the inviting server can
-    #: put anything here (room name, join rules, a fake create event).
+    #: put anything here (room name, join rules, a fake create event). Every key is kept,
+    #: a state sub-key too (:func:`state_subkey`).
     stripped_state_untrusted: tuple[Mapping[str, Any], ...] = ()
     #: Which federation invite API carried the request.
     endpoint: Endpoint = "v2"
@@ -449,6 +453,21 @@ def server_of(user_or_room_id: str) -> str:
     """
     _, sep, server = user_or_room_id.partition(":")
     return server if sep else ""
+
+
+def state_subkey(event: Mapping[str, Any]) -> str:
+    """A state event's sub-key (MSC3760: ``state_subkey``, unstable
+    ``org.matrix.mscxxxx.state_subkey``), or "" when it has none, as the MSC says a missing
+    one means. Stripped state passes it on as sent.
+
+    No room version gives sub-keys a meaning yet: in today's rooms two events that differ
+    only in their sub-key are the same piece of state, so the later replaces the earlier.
+    """
+    for key in (STATE_SUBKEY, STATE_SUBKEY_UNSTABLE):
+        value = event.get(key)
+        if isinstance(value, str):
+            return value
+    return ""
 
 
 def is_ip_literal(server_name: str) -> bool:
