@@ -66,6 +66,7 @@ from gateway.services import Services, open_services, reload_policies
 
 __all__ = [
     "InternalApp",
+    "ListenError",
     "ListenerSockets",
     "Listening",
     "PublicApp",
@@ -347,7 +348,21 @@ class Listening:
     outbound_url: str | None = None
 
 
-def _bind(address: BindAddress) -> socket.socket:
+class ListenError(OSError):
+    """A listener cannot bind its address; names the configuration key that sets it."""
+
+    def __init__(self, address: BindAddress, key: str, error: OSError) -> None:
+        reason = error.strerror or str(error)
+        super().__init__(error.errno, reason)
+        self.address = address
+        self.key = key
+        self.reason = reason[:1].lower() + reason[1:]
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.address} ({self.key}): {self.reason}"
+
+
+def _bind(address: BindAddress, key: str) -> socket.socket:
     host = "127.0.0.1" if address.host == "localhost" else address.host
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -355,26 +370,26 @@ def _bind(address: BindAddress) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, address.port))
         sock.listen(_BACKLOG)
-    except OSError:
+    except OSError as e:
         sock.close()
-        raise
+        raise ListenError(address, key, e) from e
     sock.setblocking(False)
     sock.set_inheritable(True)
     return sock
 
 
 def bind_sockets(config: GatewayConfig) -> ListenerSockets:
-    """Binds both listeners (raises OSError, e.g. when a port is taken)."""
-    internal = _bind(config.internal.bind)
+    """Binds the listeners (raises ListenError, e.g. when a port is taken)."""
+    internal = _bind(config.internal.bind, "internal.bind")
     try:
-        public = _bind(config.public.bind)
+        public = _bind(config.public.bind, "public.bind")
     except OSError:
         internal.close()
         raise
     outbound = None
     if config.outbound.enabled:
         try:
-            outbound = _bind(config.outbound.bind)
+            outbound = _bind(config.outbound.bind, "outbound.bind")
         except OSError:
             internal.close()
             public.close()

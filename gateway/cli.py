@@ -277,6 +277,11 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="a gateway configuration to start from (default: one made for the demo)",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="HTTPS on the public listener, so two demos on one machine federate",
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -286,6 +291,8 @@ def _demo(args: argparse.Namespace) -> int:
             argv += [flag, str(value)]
     if args.config is not None:
         argv += ["--config", str(args.config)]
+    if args.tls:
+        argv.append("--tls")
     return int(importlib.import_module("gateway.demo").main(argv) or 0)
 
 

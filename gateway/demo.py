@@ -540,7 +540,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "internal (policies, store, log, federation, ...) the demo uses; relative paths in "
         "it are relative to its directory, as for `gateway check`",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve the public listener over HTTPS (a self-made certificate for localhost), "
+        "so another demo on this machine can federate with this one",
+    )
     return parser.parse_args(argv)
+
+
+def _insecure(stack: Stack) -> str:
+    # The demo's own certificate is not one curl could verify.
+    return " -k" if stack.gateway_url.startswith("https") else ""
 
 
 def _welcome(stack: Stack, demo_file: Path) -> str:
@@ -550,6 +561,7 @@ matrix-gateway demo is running.
   homeserver name   {stack.server_name}
   gateway (public)  {stack.gateway_url}
   gateway internal  {stack.internal_url}  (/health, /metrics)
+  gateway outbound  {stack.outbound_url or "off"}  (the homeserver's federation leaves here)
   Synapse (direct)  {stack.homeserver_url}
   details           {demo_file}
   logs              {stack.gateway_log_path}
@@ -560,7 +572,7 @@ Register a user (straight at Synapse: the gateway keeps /_synapse/admin private)
       -c {stack.synapse.config_path} -u alice -p alice-password --no-admin {stack.homeserver_url}
 
 Then log in through the gateway:
-  curl -s -X POST {stack.gateway_url}/_matrix/client/v3/login \\
+  curl -s{_insecure(stack)} -X POST {stack.gateway_url}/_matrix/client/v3/login \\
       -d '{{"type": "m.login.password", "identifier": {{"type": "m.id.user", "user": "alice"}}, \
 "password": "alice-password"}}'
 
@@ -595,6 +607,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
             port=port,
             user_config=user_config,
             user_config_dir=args.config.resolve().parent if args.config is not None else None,
+            public_tls=bool(getattr(args, "tls", False)),
         )
     except (DemoError, HomeserverError) as e:
         print(f"gateway demo: {e}", file=sys.stderr)
