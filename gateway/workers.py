@@ -22,6 +22,7 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -33,7 +34,14 @@ from typing import Any
 
 import trio
 
-from gateway.app import ListenerSockets, Listening, bind_sockets, internal_tls_files, serve
+from gateway.app import (
+    ListenError,
+    ListenerSockets,
+    Listening,
+    bind_sockets,
+    internal_tls_files,
+    serve,
+)
 from gateway.config import GatewayConfig
 from gateway.logging import configure_logging, get_logger
 from gateway.metrics import MULTIPROC_ENV
@@ -58,9 +66,18 @@ def run(config: GatewayConfig) -> int:
             # certificate instead of racing to create its own.
             prepare_notary_files(config.notary.state_dir)
         if config.public.workers == 1:
-            trio.run(_serve_single, config)
+            # Bound before Trio starts, so a taken port is one ListenError, not a traceback
+            # out of the listeners' nursery.
+            sockets = bind_sockets(config)
+            try:
+                trio.run(_serve_single, config, sockets)
+            finally:
+                sockets.close()
             return 0
         return _supervise(config)
+    except ListenError as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         _log.error("cannot start", error=str(e))
         return 1
@@ -84,11 +101,11 @@ async def _signal(*signums: int) -> None:
             return
 
 
-async def _serve_single(config: GatewayConfig) -> None:
+async def _serve_single(config: GatewayConfig, sockets: ListenerSockets) -> None:
     trigger = partial(_signal, signal.SIGINT, signal.SIGTERM)
     async with trio.open_nursery() as nursery:
         listening: Listening = await nursery.start(
-            partial(serve, config, shutdown_trigger=trigger, reload_on_sighup=True)
+            partial(serve, config, sockets=sockets, shutdown_trigger=trigger, reload_on_sighup=True)
         )
         _log.info(
             "gateway started",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import secrets
 import socket
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 from urllib.parse import quote
 
@@ -163,10 +164,17 @@ async def check_homeserver_uses_notary(config: GatewayConfig) -> NotaryCheck:
     bind = config.internal.bind
     if _listening(bind.host, bind.port):
         return await _probe(config)
-    from gateway.app import serve
+    from gateway.app import ListenError, bind_sockets, serve
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(serve, config)
-        result = await _probe(config)
-        nursery.cancel_scope.cancel()
+    try:
+        sockets = bind_sockets(config)
+    except ListenError as e:
+        return NotaryCheck(False, f"the check cannot run the notary for its probe: {e}")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve, config, sockets=sockets))
+            result = await _probe(config)
+            nursery.cancel_scope.cancel()
+    finally:
+        sockets.close()
     return result
