@@ -72,6 +72,7 @@ __all__ = [
     "PublicApp",
     "RouteInstaller",
     "bind_sockets",
+    "public_route_table",
     "serve",
 ]
 
@@ -88,7 +89,10 @@ _GRACEFUL_TIMEOUT = 5.0
 # Idle keep-alive connections (and clients slow to send their headers) are closed after
 # this, never later than public.request_timeout.
 _KEEP_ALIVE_TIMEOUT = 20.0
-_PASSTHROUGH_PREFIXES = (b"/_matrix/", b"/.well-known/matrix/", b"/_synapse/client/")
+#: Paths passed through to the homeserver (unless an owned route or a class below takes them).
+PASSTHROUGH_PREFIXES = (b"/_matrix/", b"/.well-known/matrix/", b"/_synapse/client/")
+#: Every path under this, in any spelling, is a key query whose answer is filtered.
+KEY_QUERY_PREFIX = b"/_matrix/key/"
 
 
 def _not_recognized() -> MatrixError:
@@ -109,6 +113,16 @@ def route_path(raw_path: bytes) -> bytes:
     if resolved.startswith(b"//"):
         resolved = b"/" + resolved.lstrip(b"/")
     return resolved + b"/" if trailing and resolved != b"/" else resolved
+
+
+def public_route_table(services: Services, extra: Sequence[RouteInstaller] = ()) -> Router:
+    """The public listener's owned routes: :data:`PUBLIC_ROUTES` and ``extra`` installed on
+    a new router. Also what ``gateway proxy-config`` derives a front proxy's routing from,
+    so installers only register routes; ``services`` is for their handlers."""
+    router = Router()
+    for install in [*PUBLIC_ROUTES, *extra]:
+        install(router, services)
+    return router
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
@@ -142,11 +156,11 @@ class PublicApp:
         path = route_path(raw_path)
         if path == b"/_synapse/admin" or path.startswith(b"/_synapse/admin/"):
             return "admin" if self.expose_admin else "admin_blocked"
-        if path.startswith(b"/_matrix/key/"):
+        if path.startswith(KEY_QUERY_PREFIX):
             # Every key answer of the homeserver, whatever the path's shape (trailing slash,
             # key id, encoding), is filtered: none may carry a delegation key out.
             return "key_query"
-        if path.startswith(_PASSTHROUGH_PREFIXES):
+        if path.startswith(PASSTHROUGH_PREFIXES):
             return "passthrough"
         return "not_found"
 
@@ -473,9 +487,7 @@ async def serve(
         internal_port = listeners.internal.getsockname()[1]
         async with open_services(config, notary_name=f"localhost:{internal_port}") as services:
             services.metrics.worker_starts.inc()
-            public_router = Router()
-            for install in [*PUBLIC_ROUTES, *public_routes]:
-                install(public_router, services)
+            public_router = public_route_table(services, public_routes)
             internal_router = Router()
             for install in [*INTERNAL_ROUTES, *internal_routes]:
                 install(internal_router, services)

@@ -258,6 +258,13 @@ def _policy(args: argparse.Namespace) -> int:
     return run_policy_test(args)
 
 
+def _proxy_config_arguments(parser: argparse.ArgumentParser) -> None:
+    from gateway.proxy_config import add_arguments
+
+    _config_argument(parser)
+    add_arguments(parser)
+
+
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     # Defaults stay None: gateway.demo parses the forwarded arguments and owns the defaults.
     parser.add_argument(
@@ -334,6 +341,12 @@ COMMANDS: list[Command] = [
         "print the homeserver.yaml settings that make Synapse use the gateway's notary",
         _config_argument,
         lazy("gateway.notary.synapse_config"),
+    ),
+    Command(
+        "proxy-config",
+        "print the routing for a reverse proxy in front of the gateway and the homeserver",
+        _proxy_config_arguments,
+        lazy("gateway.proxy_config"),
     ),
 ]
 

@@ -9,6 +9,7 @@ the directory of the configuration file.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 import urllib.parse
@@ -350,6 +351,17 @@ def _integer(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
     return convert
 
 
+def _workers(value: Any) -> int:
+    """An integer from 1 to 64, or "auto": one per CPU core this process may run on."""
+    if value == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        return max(1, min(64, cores or os.cpu_count() or 1))
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok or not 1 <= value <= 64:
+        raise ValueError(f'must be "auto" or an integer from 1 to 64, got {_show(value)}')
+    return int(value)
+
+
 def _seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ValueError(f"must be a number of seconds > 0, got {_show(value)}")
@@ -536,7 +548,7 @@ def _public(r: _Reader, t: Mapping[str, Any]) -> PublicConfig:
         tls_certificate_path=cert,
         tls_private_key_path=key,
         max_body_size=r.get(s, t, "max_body_size", d.max_body_size, _integer(1)),
-        workers=r.get(s, t, "workers", d.workers, _integer(1, 64)),
+        workers=r.get(s, t, "workers", d.workers, _workers),
         request_timeout=r.get(s, t, "request_timeout", d.request_timeout, _seconds),
         x_forwarded=r.get(s, t, "x_forwarded", d.x_forwarded, _boolean),
     )

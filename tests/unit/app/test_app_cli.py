@@ -48,7 +48,10 @@ async def test_check_names_the_wrong_key(tmp_path: Path) -> None:
     path = write_config(tmp_path, "http://127.0.0.1:1", '[public]\nworkers = "two"\n')
     result = await run_cli("check", "--config", str(path))
     assert result.returncode == 1
-    assert "public.workers: must be an integer from 1 to 64, got 'two'" in result.stderr.decode()
+    assert (
+        "public.workers: must be \"auto\" or an integer from 1 to 64, got 'two'"
+        in result.stderr.decode()
+    )
 
 
 async def test_check_missing_file(tmp_path: Path) -> None:

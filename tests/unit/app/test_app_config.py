@@ -77,8 +77,14 @@ ip_range_whitelist = ["10.1.0.0/16"]
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ('[public]\nworkers = "two"', "public.workers: must be an integer from 1 to 64, got 'two'"),
-        ("[public]\nworkers = 0", "public.workers: must be an integer from 1 to 64, got 0"),
+        (
+            '[public]\nworkers = "two"',
+            "public.workers: must be \"auto\" or an integer from 1 to 64, got 'two'",
+        ),
+        (
+            "[public]\nworkers = 0",
+            'public.workers: must be "auto" or an integer from 1 to 64, got 0',
+        ),
         ("[public]\nmax_body_size = true", "public.max_body_size: must be an integer >= 1"),
         ("[public]\nbogus = 1", "public.bogus: unknown key"),
         ("[nonsense]\na = 1", "nonsense: unknown section"),
@@ -107,7 +113,7 @@ def test_all_problems_reported_and_server_name_required(tmp_path: Path) -> None:
         load_config(path)
     assert e.value.problems == [
         "server.server_name: required key is missing",
-        "public.workers: must be an integer from 1 to 64, got 'two'",
+        "public.workers: must be \"auto\" or an integer from 1 to 64, got 'two'",
         "log.level: must be one of 'debug', 'info', 'warning', 'error', got 'loud'",
     ]
     assert str(path) in e.value.describe()
@@ -120,3 +126,11 @@ def test_unreadable_files(tmp_path: Path) -> None:
     bad.write_text("[server\n")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(bad)
+
+
+def test_workers_auto_is_one_per_core_this_process_may_use(tmp_path: Path) -> None:
+    import os
+
+    config = load_config(write(tmp_path, '[public]\nworkers = "auto"\n'))
+    assert config.public.workers == min(64, len(os.sched_getaffinity(0)))
+    assert config.public.workers >= 1
