@@ -11,5 +11,16 @@ echo "== ruff" >&2
 "$venv/bin/ruff" format --check gateway policies tests bench
 echo "== mypy --strict gateway/" >&2
 "$venv/bin/mypy" --strict gateway
+# The front-proxy tests run a real nginx (Debian's package); they fail when it is missing.
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing nginx (apt-get)" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y --no-install-recommends nginx >/dev/null \
+            || { apt-get update >/dev/null && apt-get install -y --no-install-recommends nginx >/dev/null; }
+    else
+        echo "nginx is missing: apt-get install -y nginx (the front-proxy tests need it)" >&2
+    fi
+fi
 echo "== pytest" >&2
 exec "$venv/bin/pytest" "$@"
