@@ -1,12 +1,17 @@
-"""Passthrough cost: Synapse directly, through the gateway, and through nginx.
+"""Passthrough cost: Synapse directly, through the gateway (standalone and behind nginx), and
+through nginx alone.
 
     python bench/passthrough.py [--duration 10] [--connections 32] [--requests 3000]
                                 [--profile gateway.svg] [--keep]
 
 Starts, in one run on this machine, a real Synapse (SQLite, loopback) with the gateway in
-front (the demo's stack, one gateway worker), plus nginx as a plain reverse proxy to the
-same Synapse (one worker, kept-alive upstream connections). For a small federation GET
-(``/_matrix/federation/v1/version``) it measures, for each of the three:
+front (the demo's stack, one gateway worker), a second gateway in front of the same Synapse
+with ``public.workers = "auto"`` (one worker per core), nginx as a plain reverse proxy to
+Synapse, and nginx configured by ``gateway proxy-config --for nginx`` (front-proxy mode:
+owned endpoints to the gateway, the rest straight to Synapse). Each nginx runs one worker
+with kept-alive upstream connections. For a small federation GET
+(``/_matrix/federation/v1/version``, not owned: front-proxy mode sends it straight to
+Synapse) it measures, for each of the five:
 
 - throughput: ``wrk`` (one thread, a fixed number of keep-alive connections, a fixed
   duration, after a short warm-up), requests per second;
@@ -16,8 +21,8 @@ same Synapse (one worker, kept-alive upstream connections). For a small federati
   divided by the requests served. On a shared two-core machine this is the steadier
   measure of cost: the gateway's column is what it adds to Synapse's.
 
-and prints a table, the ratios gateway/direct and gateway/nginx, and the median latency the
-gateway adds. ``nginx`` and ``wrk`` come from Debian; when missing they are installed with
+and prints a table, the ratios to nginx alone and to Synapse direct, and the median latency
+each adds. ``nginx`` and ``wrk`` come from Debian; when missing they are installed with
 ``apt-get`` (this needs root). ``--profile`` records the gateway with ``py-spy`` during its
 throughput run (``pip install py-spy``). Every process started here is stopped at the end,
 also on Ctrl-C.
@@ -46,8 +51,9 @@ from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.demo import StackProcesses, prepare_stack
+from gateway.demo import Stack, StackProcesses, gateway_process, prepare_stack, to_toml
 from gateway.homeserver.synapse import ServiceProcess, free_port
+from tests.support.nginx import nginx_service
 
 PATH = "/_matrix/federation/v1/version"
 WARMUP_SECONDS = 2.0
@@ -107,53 +113,67 @@ def _descendants(pid: int) -> list[int]:
 
 
 def nginx_process(nginx: str, directory: Path, port: int, upstream: str) -> ServiceProcess:
-    """nginx in the foreground (no daemon), its config, pid and logs in ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    # Worker processes may drop to an unprivileged user; they must reach their temp dirs.
-    directory.chmod(0o755)
+    """nginx as a plain reverse proxy to ``upstream``, in the foreground (no daemon)."""
     host_port = upstream.split("://", 1)[1].rstrip("/")
-    config = textwrap.dedent(
+    snippet = textwrap.dedent(
         f"""\
-        daemon off;
-        master_process on;
-        worker_processes 1;
-        pid {directory}/nginx.pid;
-        error_log {directory}/error.log warn;
-        events {{ worker_connections 1024; }}
-        http {{
-            access_log {directory}/access.log;
-            client_body_temp_path {directory}/client_body;
-            proxy_temp_path {directory}/proxy;
-            fastcgi_temp_path {directory}/fastcgi;
-            uwsgi_temp_path {directory}/uwsgi;
-            scgi_temp_path {directory}/scgi;
-            upstream homeserver {{
-                server {host_port};
-                keepalive 64;
-            }}
-            server {{
-                listen 127.0.0.1:{port};
-                location / {{
-                    proxy_pass http://homeserver;
-                    proxy_http_version 1.1;
-                    proxy_set_header Connection "";
-                    proxy_set_header Host $host;
-                    proxy_set_header X-Forwarded-For $remote_addr;
-                    proxy_set_header X-Forwarded-Proto $scheme;
-                }}
+        upstream homeserver {{
+            server {host_port};
+            keepalive 64;
+        }}
+        server {{
+            listen 127.0.0.1:{port};
+            location / {{
+                proxy_pass http://homeserver;
+                proxy_http_version 1.1;
+                proxy_set_header Connection "";
+                proxy_set_header Host $host;
+                proxy_set_header X-Forwarded-For $remote_addr;
+                proxy_set_header X-Forwarded-Proto $scheme;
             }}
         }}
         """
     )
-    config_path = directory / "nginx.conf"
-    config_path.write_text(config)
-    return ServiceProcess(
-        "nginx",
-        [nginx, "-p", str(directory), "-e", str(directory / "error.log"), "-c", str(config_path)],
-        ready_url=f"http://127.0.0.1:{port}{PATH}",
-        console_path=directory / "console.log",
-        log_paths=[directory / "error.log"],
+    return nginx_service(nginx, directory, snippet, ready_url=f"http://127.0.0.1:{port}{PATH}")
+
+
+def front_proxy_process(
+    nginx: str, directory: Path, port: int, config_path: Path
+) -> ServiceProcess:
+    """nginx with the routing ``gateway proxy-config --for nginx`` prints for ``config_path``."""
+    argv = [sys.executable, "-m", "gateway", "proxy-config", "--for", "nginx"]
+    argv += ["--config", str(config_path), "--listen", f"127.0.0.1:{port}"]
+    snippet = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return nginx_service(nginx, directory, snippet, ready_url=f"http://127.0.0.1:{port}{PATH}")
+
+
+def auto_workers_gateway(stack: Stack, directory: Path) -> tuple[ServiceProcess, str]:
+    """A second gateway in front of the stack's Synapse with ``public.workers = "auto"``
+    (its own ports and database, no outbound listener); returns it and its public URL."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in stack.gateway_config.items()}
+    public_port, internal_port = free_port(), free_port()
+    config["public"] = {
+        **config["public"],
+        "bind": f"127.0.0.1:{public_port}",
+        "workers": "auto",
+    }
+    config["internal"] = {"bind": f"127.0.0.1:{internal_port}"}
+    config["notary"] = {**config["notary"], "state_dir": str(stack.data_dir / "state")}
+    config["store"] = {**config["store"], "sqlite_path": str(directory / "gateway.db")}
+    config["server"] = {
+        **config["server"],
+        "signing_key_path": str(stack.synapse.signing_key_path),
+    }
+    config.pop("outbound", None)
+    config_path = directory / "gateway.toml"
+    config_path.write_text(to_toml(config))
+    process = gateway_process(
+        config_path,
+        ready_url=f"https://127.0.0.1:{internal_port}/health",
+        log_path=directory / "gateway.log",
     )
+    return process, f"http://127.0.0.1:{public_port}"
 
 
 # --- load --------------------------------------------------------------------------------
@@ -366,37 +386,42 @@ def measure(
 
 
 def report(results: list[Result], connections: int, seconds: float, requests: int) -> str:
-    direct, gateway, nginx = results
+    direct, gateway, auto, nginx, front = results
     lines = [
         f"GET {PATH}: wrk {connections} connections x {seconds:.0f} s; "
         f"sequential client {requests} requests per target, in {LATENCY_ROUNDS} turns",
         "",
-        f"{'':24}{'req/s':>9}{'wrk p50':>9}{'wrk p99':>9}{'seq p50':>9}{'seq p99':>9}"
+        f"{'':34}{'req/s':>9}{'wrk p50':>9}{'wrk p99':>9}{'seq p50':>9}{'seq p99':>9}"
         f"{'CPU/req':>10}{'errors':>8}",
-        f"{'':24}{'':>9}{'ms':>9}{'ms':>9}{'ms':>9}{'ms':>9}{'us':>10}{'':>8}",
+        f"{'':34}{'':>9}{'ms':>9}{'ms':>9}{'ms':>9}{'ms':>9}{'us':>10}{'':>8}",
     ]
     for r in results:
         lines.append(
-            f"{r.name:24}{r.rps:9.0f}{r.wrk_p50_ms:9.2f}{r.wrk_p99_ms:9.2f}"
+            f"{r.name:34}{r.rps:9.0f}{r.wrk_p50_ms:9.2f}{r.wrk_p99_ms:9.2f}"
             f"{r.p50_ms:9.3f}{r.p99_ms:9.3f}{r.cpu_us:10.0f}{r.errors:8d}"
         )
     lines.append("")
-    lines.append("CPU/req counts the server processes of each row: Synapse for (a), Synapse plus")
-    lines.append("the proxy for (b) and (c).")
+    lines.append("CPU/req counts the server processes of each row: Synapse, plus the proxy (and")
+    lines.append("for (e) the gateway, idle for this path) in front of it.")
     lines.append("")
-    for other in (direct, nginx):
-        lines.append(
-            f"gateway / {other.name.split(' ', 1)[1]:12} throughput {gateway.rps / other.rps:5.2f}"
-            f"   seq p50 {gateway.p50_ms / other.p50_ms:5.2f}   seq p99 "
-            f"{gateway.p99_ms / other.p99_ms:5.2f}   CPU/req {gateway.cpu_us / other.cpu_us:5.2f}"
+
+    def ratio(row: Result, other: Result) -> str:
+        return (
+            f"{row.name.split(' ', 1)[1]:>26} / {other.name.split(' ', 1)[1]:16}"
+            f" throughput {row.rps / other.rps:5.2f}   seq p50 {row.p50_ms / other.p50_ms:5.2f}"
+            f"   CPU/req {row.cpu_us / other.cpu_us:5.2f}"
         )
+
+    for row in (front, gateway, auto):
+        lines.append(ratio(row, nginx))
+    for row in (nginx, front, gateway, auto):
+        lines.append(ratio(row, direct))
     lines.append("")
-    lines.append(
-        f"gateway adds {gateway.p50_ms - direct.p50_ms:.3f} ms at the median "
-        f"(nginx adds {nginx.p50_ms - direct.p50_ms:.3f} ms); "
-        f"its CPU per request is {(gateway.cpu_us - direct.cpu_us) / direct.cpu_us:.0%} of "
-        f"Synapse's (nginx: {(nginx.cpu_us - direct.cpu_us) / direct.cpu_us:.0%})"
-    )
+    for row in (nginx, front, gateway, auto):
+        lines.append(
+            f"{row.name.split(' ', 1)[1]} adds {row.p50_ms - direct.p50_ms:.3f} ms at the median; "
+            f"CPU per request {(row.cpu_us - direct.cpu_us) / direct.cpu_us:+.0%} of Synapse's"
+        )
     return "\n".join(lines)
 
 
@@ -432,20 +457,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_stop)
     data_dir = Path(tempfile.mkdtemp(prefix="bench-passthrough-"))
     stack_processes: StackProcesses | None = None
-    nginx_proc: ServiceProcess | None = None
+    extra: list[ServiceProcess] = []
     try:
-        print(f"starting Synapse, the gateway and nginx (data in {data_dir}) ...", flush=True)
+        print(f"starting Synapse, two gateways and two nginx (data in {data_dir}) ...", flush=True)
         stack = prepare_stack(data_dir / "stack", port=free_port(), log_format="json")
         stack_processes = StackProcesses(stack)
-        nginx_port = free_port()
+        auto_gateway, auto_url = auto_workers_gateway(stack, data_dir / "auto")
+        nginx_port, front_port = free_port(), free_port()
         nginx_proc = nginx_process(nginx, data_dir / "nginx", nginx_port, stack.homeserver_url)
+        front_proc = front_proxy_process(
+            nginx, data_dir / "front", front_port, stack.gateway_config_path
+        )
         stack_processes.start()
-        nginx_proc.start()
-        nginx_proc.wait_until_ready(timeout=30)
+        for process in (auto_gateway, nginx_proc, front_proc):
+            extra.append(process)
+            process.start()
+            process.wait_until_ready(timeout=60)
         synapse_pid = stack_processes.synapse.pid
         gateway_pid = stack_processes.gateway.pid
-        nginx_pid = nginx_proc.pid
-        assert synapse_pid and gateway_pid and nginx_pid
+        assert synapse_pid and gateway_pid
+        assert auto_gateway.pid and nginx_proc.pid and front_proc.pid
 
         common = {
             "wrk": wrk,
@@ -454,14 +485,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         targets = [
             ("(a) Synapse direct", stack.homeserver_url, [synapse_pid], None),
-            ("(b) gateway", stack.gateway_url, [synapse_pid, gateway_pid], args.profile),
-            ("(c) nginx", f"http://127.0.0.1:{nginx_port}", [synapse_pid, nginx_pid], None),
+            ("(b) gateway, 1 worker", stack.gateway_url, [synapse_pid, gateway_pid], args.profile),
+            ("(c) gateway, auto workers", auto_url, [synapse_pid, auto_gateway.pid], None),
+            ("(d) nginx", f"http://127.0.0.1:{nginx_port}", [synapse_pid, nginx_proc.pid], None),
+            (
+                "(e) nginx + proxy-config",
+                f"http://127.0.0.1:{front_port}",
+                [synapse_pid, front_proc.pid, gateway_pid],
+                None,
+            ),
         ]
         results = []
         for name, url, pids, profile in targets:
             print(f"throughput of {name} ...", flush=True)
             results.append(measure(name, url, pids, profile=profile, **common))
-        print("latency, the three taking turns ...", flush=True)
+        print("latency, the five taking turns ...", flush=True)
         measure_latencies(results, [url for _, url, _, _ in targets], args.requests)
         print()
         print(report(results, args.connections, args.duration, args.requests))
@@ -475,8 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            if nginx_proc is not None:
-                nginx_proc.stop()
+            for process in reversed(extra):
+                process.stop()
         finally:
             if stack_processes is not None:
                 stack_processes.stop()
