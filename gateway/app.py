@@ -44,6 +44,8 @@ from hypercorn.utils import wrap_app
 from gateway.config import BindAddress, GatewayConfig
 from gateway.errors import Codes, MatrixError
 from gateway.features import invites, joins, keys, knocks
+from gateway.features.cors import Cors
+from gateway.features.guests import GuestEdge, RefusedUnread, client_api_segments
 from gateway.features.outbound import OutboundApp
 from gateway.homeserver.forward import ResponseCutShort
 from gateway.http import (
@@ -142,6 +144,19 @@ class PublicApp:
         self.services = services
         self.router = router
         self.expose_admin = services.config.homeserver.expose_admin_api
+        config = services.config
+        self.cors = Cors(config.cors) if config.cors.enabled else None
+        self.guests = (
+            GuestEdge.create(
+                config.guests,
+                homeserver=services.homeserver,
+                store=services.store,
+                metrics=services.metrics,
+                forwarded_headers=services.forwarder.upstream_headers,
+            )
+            if config.guests.enabled
+            else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -189,6 +204,17 @@ class PublicApp:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf8")
         status = 0
         sent = 0
+        # The client API: CORS on every answer (gateway.features.cors), guests judged before
+        # passthrough (gateway.features.guests).
+        client_api = False
+        if self.cors is not None or self.guests is not None:
+            path = route_path(raw_path)
+            client_api = path.startswith(b"/_matrix/client/")
+            if client_api and self.cors is not None and self.cors.applies(path):
+                send = self.cors.wrap(send)
+                if method == "OPTIONS":
+                    await self._preflight(scope, send, request_id, raw_path)
+                    return
 
         async def tracked_send(message: Message) -> None:
             nonlocal status, sent
@@ -226,6 +252,8 @@ class PublicApp:
                     response = await keys.on_key_query(request)
                     await send_response(tracked_send, response, head=method == "HEAD")
                 elif route == "passthrough" or route == "admin":
+                    if client_api and self.guests is not None:
+                        await self.guests.admit(scope, client_api_segments(raw_path) or [])
                     await services.forwarder.passthrough(scope, receive, tracked_send)
                 else:
                     raise _not_recognized()
@@ -234,7 +262,8 @@ class PublicApp:
                 outcome = getattr(e, "kind", e.errcode)
             if status == 0:
                 response = Response.error(e)
-                if e.status in (400, 408, 413) and scope.get("http_version") in ("1.0", "1.1"):
+                unread = e.status in (400, 408, 413) or isinstance(e, RefusedUnread)
+                if unread and scope.get("http_version") in ("1.0", "1.1"):
                     # The rest of the body is still on the wire: this connection is done.
                     response.headers.append((b"connection", b"close"))
                 await send_response(tracked_send, response, head=method == "HEAD")
@@ -264,6 +293,27 @@ class PublicApp:
             bytes_out=sent,
             client=client[0] if client else None,
             **({"outcome": outcome} if outcome else {}),
+        )
+
+    async def _preflight(self, scope: Scope, send: Send, request_id: str, raw_path: bytes) -> None:
+        """A CORS preflight (``OPTIONS``) on the client API, answered here: the spec says no
+        endpoint logic may run for it, so the homeserver need not see it."""
+        assert self.cors is not None
+        started = time.perf_counter()
+        await send_response(send, self.cors.preflight())
+        duration = time.perf_counter() - started
+        self.services.metrics.observe_request("cors_preflight", 204, duration)
+        client = scope.get("client")
+        _log.info(
+            "request",
+            request_id=request_id,
+            method="OPTIONS",
+            path=raw_path.decode("latin-1"),
+            query=loggable_query(scope.get("query_string", b"")),
+            route="cors_preflight",
+            status=204,
+            duration_ms=round(duration * 1000, 2),
+            client=client[0] if client else None,
         )
 
 

@@ -24,8 +24,10 @@ from gateway.policy.loading import PolicyConfigError, PolicySpec, parse_policy_c
 __all__ = [
     "BindAddress",
     "ConfigError",
+    "CorsConfig",
     "FederationConfig",
     "GatewayConfig",
+    "GuestsConfig",
     "HomeserverConfig",
     "InternalConfig",
     "LogConfig",
@@ -34,6 +36,7 @@ __all__ = [
     "PublicConfig",
     "ServerConfig",
     "StoreConfig",
+    "TokenBucket",
     "TrustedKeyServer",
     "load_config",
     "parse_config",
@@ -138,6 +141,92 @@ class OutboundConfig:
 
 
 @dataclass(frozen=True)
+class TokenBucket:
+    """A rate limit: a burst of ``capacity``, refilled at ``per_second``."""
+
+    capacity: float
+    per_second: float
+
+
+#: The endpoints the spec's guest access module lets guests use (client-server API, "Guest
+#: Access", client behaviour), relative to ``/_matrix/client/<version>``. A path parameter
+#: spans one segment. ``/state/{eventType}`` is the same endpoint with an empty state key.
+GUEST_ENDPOINTS: tuple[str, ...] = (
+    # retrieving events and media
+    "GET /rooms/{roomId}/state",
+    "GET /rooms/{roomId}/context/{eventId}",
+    "GET /rooms/{roomId}/event/{eventId}",
+    "GET /rooms/{roomId}/state/{eventType}",
+    "GET /rooms/{roomId}/state/{eventType}/{stateKey}",
+    "GET /rooms/{roomId}/messages",
+    "GET /rooms/{roomId}/members",
+    "GET /rooms/{roomId}/initialSync",
+    "GET /sync",
+    "GET /events",
+    "GET /media/download/{serverName}/{mediaId}",
+    "GET /media/download/{serverName}/{mediaId}/{fileName}",
+    "GET /media/thumbnail/{serverName}/{mediaId}",
+    # sending events
+    "POST /rooms/{roomId}/join",
+    "POST /rooms/{roomId}/leave",
+    "PUT /rooms/{roomId}/send/{eventType}/{txnId}",
+    "PUT /rooms/{roomId}/state/{eventType}",
+    "PUT /rooms/{roomId}/state/{eventType}/{stateKey}",
+    "PUT /sendToDevice/{eventType}/{txnId}",
+    # their own account
+    "PUT /profile/{userId}/displayname",
+    "DELETE /profile/{userId}/displayname",
+    "GET /devices",
+    "GET /devices/{deviceId}",
+    "PUT /devices/{deviceId}",
+    "GET /account/whoami",
+    # end-to-end encryption
+    "POST /keys/upload",
+    "POST /keys/query",
+    "POST /keys/claim",
+)
+
+
+@dataclass(frozen=True)
+class GuestsConfig:
+    """The guest-aware client edge (guest access module, MSC3419). Off by default."""
+
+    enabled: bool = False
+    #: how long the answer of the homeserver's whoami is remembered per access token
+    whoami_cache_seconds: float = 30.0
+    #: at most this many tokens are remembered (the least recently used go first)
+    whoami_cache_size: int = 10000
+    #: guests' state events (``PUT /rooms/{roomId}/state/...``), per guest
+    state_rate: TokenBucket = TokenBucket(capacity=5.0, per_second=0.05)
+    #: guests' other sends (``/rooms/{roomId}/send/...``, redactions), per guest
+    send_rate: TokenBucket = TokenBucket(capacity=10.0, per_second=0.2)
+    #: refuse guests on endpoints not in ``allowed_endpoints`` (403 M_GUEST_ACCESS_FORBIDDEN)
+    restrict_endpoints: bool = False
+    allowed_endpoints: tuple[str, ...] = GUEST_ENDPOINTS
+
+
+#: The spec's recommendation (client-server API, "Web Browser Clients").
+CORS_ALLOW_METHODS = ("GET", "POST", "PUT", "DELETE", "OPTIONS")
+CORS_ALLOW_HEADERS = ("X-Requested-With", "Content-Type", "Authorization")
+
+
+@dataclass(frozen=True)
+class CorsConfig:
+    """CORS on the client API (``/_matrix/client/``): preflights answered by the gateway,
+    these headers on every answer (the homeserver's own replaced)."""
+
+    enabled: bool = True
+    #: ``*`` or one origin (``https://app.example.org``)
+    allow_origin: str = "*"
+    allow_methods: tuple[str, ...] = CORS_ALLOW_METHODS
+    allow_headers: tuple[str, ...] = CORS_ALLOW_HEADERS
+    #: sent as Access-Control-Expose-Headers when set; empty: the homeserver's is kept
+    expose_headers: tuple[str, ...] = ()
+    #: seconds a browser may reuse a preflight answer (Access-Control-Max-Age); 0: not sent
+    max_age: int = 0
+
+
+@dataclass(frozen=True)
 class PolicySettings:
     #: write allow decisions to the audit trail too (denies and drops always are)
     audit_allows: bool = False
@@ -197,6 +286,8 @@ class GatewayConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     notary: NotaryConfig = NotaryConfig()
     outbound: OutboundConfig = OutboundConfig()
+    guests: GuestsConfig = GuestsConfig()
+    cors: CorsConfig = CorsConfig()
     policy: PolicySettings = PolicySettings()
     #: the admission policies (``[[policies]]``), in the order they run
     policies: tuple[PolicySpec, ...] = ()
@@ -240,6 +331,8 @@ def parse_config(
         "federation",
         "notary",
         "outbound",
+        "guests",
+        "cors",
         "policy",
     }
     for name, value in data.items():
@@ -263,6 +356,8 @@ def parse_config(
     federation = _federation(r, table("federation"))
     notary = _notary(r, table("notary"), internal)
     outbound = _outbound(r, table("outbound"))
+    guests = _guests(r, table("guests"))
+    cors = _cors(r, table("cors"))
     policy = _policy(r, table("policy"))
     policies: list[PolicySpec] = []
     try:
@@ -282,6 +377,8 @@ def parse_config(
         federation=federation,
         notary=notary,
         outbound=outbound,
+        guests=guests,
+        cors=cors,
         policy=policy,
         policies=tuple(policies),
         source=source,
@@ -714,6 +811,142 @@ def _outbound(r: _Reader, t: Mapping[str, Any]) -> OutboundConfig:
             s, t, "invite_version_memory", d.invite_version_memory, _seconds
         ),
         request_timeout=timeout,
+    )
+
+
+def _token_bucket(r: _Reader, key: str, value: Any, default: TokenBucket) -> TokenBucket:
+    if not isinstance(value, dict):
+        r.problem(
+            key, f"must be a table like {{ capacity = 5, per_second = 0.05 }}, got {_show(value)}"
+        )
+        return default
+    r.check_keys(key, value, {"capacity", "per_second"})
+    numbers: dict[str, float] = {}
+    for name in ("capacity", "per_second"):
+        number = value.get(name, getattr(default, name))
+        if isinstance(number, bool) or not isinstance(number, int | float) or not number > 0:
+            r.problem(f"{key}.{name}", f"must be a number > 0, got {_show(number)}")
+            number = getattr(default, name)
+        numbers[name] = float(number)
+    return TokenBucket(**numbers)
+
+
+_HTTP_METHODS = ("GET", "PUT", "POST", "DELETE")
+_ENDPOINT_SEGMENT = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}|[^{}/\s]*")
+
+
+def _endpoint(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string like 'GET /sync', got {_show(value)}")
+    method, sep, path = value.partition(" ")
+    if not sep or method not in _HTTP_METHODS or not path.startswith("/"):
+        raise ValueError(
+            f"must be 'METHOD /path' with METHOD one of {', '.join(_HTTP_METHODS)} and the path "
+            f"after /_matrix/client/<version>, got {_show(value)}"
+        )
+    if path.startswith(("/_matrix/", "/v3/", "/r0/", "/v1/")):
+        raise ValueError(
+            f"the path is relative to /_matrix/client/<version> ('GET /sync'), got {_show(value)}"
+        )
+    for segment in path[1:].split("/"):
+        if not _ENDPOINT_SEGMENT.fullmatch(segment):
+            raise ValueError(
+                f"{_show(segment)} must be a literal segment or a whole {{parameter}}, in "
+                f"{_show(value)}"
+            )
+    return value
+
+
+def _guests(r: _Reader, t: Mapping[str, Any]) -> GuestsConfig:
+    d = GuestsConfig()
+    s = "guests"
+    r.check_keys(
+        s,
+        t,
+        {
+            "enabled",
+            "whoami_cache_seconds",
+            "whoami_cache_size",
+            "state_rate",
+            "send_rate",
+            "restrict_endpoints",
+            "allowed_endpoints",
+        },
+    )
+    ttl = r.get(s, t, "whoami_cache_seconds", d.whoami_cache_seconds, _seconds)
+    if ttl > 300:
+        r.problem(
+            "guests.whoami_cache_seconds",
+            f"must be at most 300 seconds (a logged-out or upgraded guest's token is judged by "
+            f"the old answer until then), got {ttl:g}",
+        )
+    endpoints: list[str] = []
+    value = t.get("allowed_endpoints", list(d.allowed_endpoints))
+    if not isinstance(value, list):
+        r.problem("guests.allowed_endpoints", f"must be a list of strings, got {_show(value)}")
+    else:
+        for i, item in enumerate(value):
+            try:
+                endpoints.append(_endpoint(item))
+            except ValueError as e:
+                r.problem(f"guests.allowed_endpoints[{i}]", str(e))
+    return GuestsConfig(
+        enabled=r.get(s, t, "enabled", d.enabled, _boolean),
+        whoami_cache_seconds=ttl,
+        whoami_cache_size=r.get(s, t, "whoami_cache_size", d.whoami_cache_size, _integer(1, 10**6)),
+        state_rate=_token_bucket(r, "guests.state_rate", t.get("state_rate", {}), d.state_rate),
+        send_rate=_token_bucket(r, "guests.send_rate", t.get("send_rate", {}), d.send_rate),
+        restrict_endpoints=r.get(s, t, "restrict_endpoints", d.restrict_endpoints, _boolean),
+        allowed_endpoints=tuple(endpoints),
+    )
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_ORIGIN = re.compile(
+    r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?"
+)
+
+
+def _header_names(value: Any) -> tuple[str, ...]:
+    names = _strings(value)
+    for name in names:
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{_show(name)} is not an HTTP header name")
+    return names
+
+
+def _methods(value: Any) -> tuple[str, ...]:
+    methods = _strings(value)
+    for method in methods:
+        if not _HEADER_NAME.fullmatch(method) or method != method.upper():
+            raise ValueError(f"{_show(method)} is not an HTTP method in upper case")
+    return methods
+
+
+def _allow_origin(value: Any) -> str:
+    if value == "*" or (isinstance(value, str) and _ORIGIN.fullmatch(value)):
+        return str(value)
+    raise ValueError(
+        f"must be '*' or one origin such as 'https://app.example.org' (scheme, host, optional "
+        f"port; no path), got {_show(value)}"
+    )
+
+
+def _cors(r: _Reader, t: Mapping[str, Any]) -> CorsConfig:
+    d = CorsConfig()
+    s = "cors"
+    r.check_keys(
+        s,
+        t,
+        {"enabled", "allow_origin", "allow_methods", "allow_headers", "expose_headers", "max_age"},
+    )
+    return CorsConfig(
+        enabled=r.get(s, t, "enabled", d.enabled, _boolean),
+        allow_origin=r.get(s, t, "allow_origin", d.allow_origin, _allow_origin),
+        allow_methods=r.get(s, t, "allow_methods", d.allow_methods, _methods),
+        allow_headers=r.get(s, t, "allow_headers", d.allow_headers, _header_names),
+        expose_headers=r.get(s, t, "expose_headers", d.expose_headers, _header_names),
+        max_age=r.get(s, t, "max_age", d.max_age, _integer(0, 86400)),
     )
 
 

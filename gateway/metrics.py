@@ -26,6 +26,10 @@ Metric names:
 * ``gateway_outbound_invites_total{version}``: our invites by the endpoint they went out
   on (``v3``, ``unstable``, ``v2``), and ``gateway_outbound_invite_fallbacks_total``: v3
   attempts a destination did not understand, re-sent as v2.
+* ``gateway_guest_requests_total{outcome}``: guests' client API requests the guest edge
+  judged (``[guests]``): ``allowed``, ``rate_limited`` or ``forbidden``.
+* ``gateway_whoami_lookups_total{outcome}``: access tokens the guest edge identified:
+  ``cached``, ``asked`` (the homeserver's whoami answered) or ``failed``.
 
 With several workers every process writes its values into files in the directory named by
 ``PROMETHEUS_MULTIPROC_DIR`` (the supervising process creates it before the workers start)
@@ -127,6 +131,20 @@ class Metrics:
         self.outbound_invite_fallbacks = Counter(
             "gateway_outbound_invite_fallbacks_total",
             "v3 invites a destination did not understand, sent again as v2.",
+            registry=self.registry,
+        )
+
+        self.guest_requests = Counter(
+            "gateway_guest_requests_total",
+            "Client API requests of guests that the guest edge judged, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.whoami_lookups = Counter(
+            "gateway_whoami_lookups_total",
+            "Access tokens identified by the guest edge: from its cache, or by asking the "
+            "homeserver, by outcome.",
+            ["outcome"],
             registry=self.registry,
         )
 
