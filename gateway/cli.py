@@ -160,6 +160,14 @@ async def _check_homeserver(config: GatewayConfig) -> int:
         for note in result.notes:
             print(f"notary: {note}")
         print(f"notary: ok ({result.detail})")
+    if config.outbound.enabled:
+        from gateway.notary.probe import check_outbound_routing
+
+        outbound = await check_outbound_routing(config)
+        if not outbound.ok:
+            print(f"outbound: {outbound.detail}", file=sys.stderr)
+            return EXIT_HOMESERVER
+        print(f"outbound: ok ({outbound.detail})")
     return EXIT_OK
 
 

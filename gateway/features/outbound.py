@@ -19,7 +19,9 @@ What the gateway does with one, in order:
 2. The destination must be a valid server name and the path a ``/_matrix/`` path; 400
    otherwise.
 3. A request to the gateway's own notary (the homeserver's trusted key server) is answered
-   here, by the internal listener's application: it must not leave the machine.
+   here, by the internal listener's application: it must not leave the machine. So is a
+   request to :data:`CHECK_DESTINATION`, a name that exists nowhere: ``gateway check`` has
+   the homeserver fetch its keys, which only this listener can answer.
 4. The egress policies (``on_outbound`` hooks) may refuse it: 403 ``M_FORBIDDEN`` with the
    policy's reason, audited. Synapse reports that to the inviting client for an invite,
    and backs off and retries later for a transaction.
@@ -46,6 +48,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import trio
+from nacl.signing import SigningKey
 
 from gateway.errors import Codes, MatrixError
 from gateway.features import outbound_invites
@@ -69,6 +72,8 @@ from gateway.http import (
 )
 from gateway.logging import get_logger
 from gateway.matrix.identifiers import InvalidIdentifier, parse_server_name
+from gateway.matrix.signing import sign_json
+from gateway.matrix.unpadded_base64 import encode_base64
 from gateway.policy.api import OutboundContext, OutboundKind
 from gateway.services import Services
 
@@ -99,6 +104,14 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+
+#: The destination ``gateway check`` makes the homeserver fetch keys from (``.invalid``
+#: cannot exist: only the outbound listener answers for it).
+CHECK_DESTINATION = "outbound-check.invalid"
+CHECK_KEY_ID = "ed25519:check"
+#: How long the check destination's key document is valid: a fresh answer is told apart
+#: from one the homeserver cached by its ``valid_until_ts``.
+CHECK_KEY_VALIDITY_MS = 60_000
 
 #: An ASGI application answering requests for a destination served locally (the notary).
 LocalApp = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -244,6 +257,7 @@ class OutboundApp:
         self.services = services
         self.local = dict(local or {})
         self.secret = services.config.outbound.secret
+        self._check_key = SigningKey.generate()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -307,7 +321,10 @@ class OutboundApp:
                 log=log.bind(destination=destination, kind=kind),
             )
             local = self.local.get(destination)
-            if local is not None:
+            if destination == CHECK_DESTINATION:
+                destination_class = "check"
+                await send_response(tracked_send, self._check_answer(request.target))
+            elif local is not None:
                 destination_class = "notary"
                 await _serve_locally(local, scope, request, tracked_send)
             else:
@@ -347,6 +364,22 @@ class OutboundApp:
             outcome=outcome,
             duration_ms=round(duration * 1000, 2),
             bytes_out=sent,
+        )
+
+    def _check_answer(self, target: ProxyTarget) -> Response:
+        """The check destination's self-signed key document, valid briefly from now."""
+        if target.raw_path != "/_matrix/key/v2/server":
+            return Response.error(MatrixError(404, Codes.UNRECOGNIZED, "Unrecognized request"))
+        document = {
+            "server_name": CHECK_DESTINATION,
+            "valid_until_ts": int(time.time() * 1000) + CHECK_KEY_VALIDITY_MS,
+            "verify_keys": {
+                CHECK_KEY_ID: {"key": encode_base64(bytes(self._check_key.verify_key))}
+            },
+            "old_verify_keys": {},
+        }
+        return Response.json(
+            sign_json(document, CHECK_DESTINATION, self._check_key, key_id=CHECK_KEY_ID)
         )
 
     async def _send_on(self, request: OutboundRequest, send: Send) -> tuple[str, str]:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import secrets
 import socket
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -160,21 +162,75 @@ async def _probe(config: GatewayConfig) -> NotaryCheck:
     )
 
 
-async def check_homeserver_uses_notary(config: GatewayConfig) -> NotaryCheck:
+async def _with_gateway(
+    config: GatewayConfig, work: Callable[[], Awaitable[NotaryCheck]], what: str
+) -> NotaryCheck:
+    """Run ``work`` with the gateway's listeners up: the running gateway's, or, when none
+    runs, the check's own for the duration of ``work``."""
     bind = config.internal.bind
     if _listening(bind.host, bind.port):
-        return await _probe(config)
+        return await work()
     from gateway.app import ListenError, bind_sockets, serve
 
     try:
         sockets = bind_sockets(config)
     except ListenError as e:
-        return NotaryCheck(False, f"the check cannot run the notary for its probe: {e}")
+        return NotaryCheck(False, f"the check cannot run the {what} for its probe: {e}")
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(serve, config, sockets=sockets))
-            result = await _probe(config)
+            result = await work()
             nursery.cancel_scope.cancel()
     finally:
         sockets.close()
     return result
+
+
+async def check_homeserver_uses_notary(config: GatewayConfig) -> NotaryCheck:
+    return await _with_gateway(config, partial(_probe, config), "notary")
+
+
+async def _outbound_probe(config: GatewayConfig) -> NotaryCheck:
+    from gateway.features.outbound import (
+        CHECK_DESTINATION,
+        CHECK_KEY_ID,
+        CHECK_KEY_VALIDITY_MS,
+    )
+
+    hs = config.homeserver
+    timeout = httpx.Timeout(hs.read_timeout, connect=hs.connect_timeout)
+    asked_at = int(time.time() * 1000)
+    # Newer than anything the homeserver can have cached: it must fetch the keys now.
+    fresh = asked_at + CHECK_KEY_VALIDITY_MS - 500
+    wanted = {CHECK_DESTINATION: {CHECK_KEY_ID: {"minimum_valid_until_ts": fresh}}}
+    try:
+        async with httpx.AsyncClient(base_url=hs.url, timeout=timeout) as client:
+            answer = await client.post("/_matrix/key/v2/query", json={"server_keys": wanted})
+        entries: Any = answer.json().get("server_keys") if answer.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError) as e:
+        return NotaryCheck(False, f"the homeserver does not answer its key query: {e}")
+    reached = isinstance(entries, list) and any(
+        isinstance(e, dict)
+        and e.get("server_name") == CHECK_DESTINATION
+        and isinstance(e.get("valid_until_ts"), int)
+        and e["valid_until_ts"] >= fresh
+        for e in entries
+    )
+    bind = config.outbound.bind
+    if reached:
+        return NotaryCheck(
+            True, f"the homeserver's federation requests leave through the gateway ({bind})"
+        )
+    return NotaryCheck(
+        False,
+        "the homeserver does not send its federation requests through the gateway: asked "
+        f"for the keys of {CHECK_DESTINATION}, which only the outbound listener ({bind}) "
+        "answers, it got none. homeserver.yaml needs the worker_replication_secret (equal to "
+        "outbound.secret), instance_map and outbound_federation_restricted_to that "
+        "`gateway synapse-config` prints; restart the homeserver after adding them.",
+    )
+
+
+async def check_outbound_routing(config: GatewayConfig) -> NotaryCheck:
+    """Does the homeserver send its federation traffic through the outbound listener?"""
+    return await _with_gateway(config, partial(_outbound_probe, config), "outbound listener")

@@ -30,7 +30,7 @@ from gateway.matrix.xmatrix import sign_request
 pytestmark = pytest.mark.integration
 
 #: How every line `gateway check` prints starts; anything else is someone else's log line.
-CHECK_LINE_PREFIXES = ("configuration ", "homeserver ", "notary: ")
+CHECK_LINE_PREFIXES = ("configuration ", "homeserver ", "notary: ", "outbound: ")
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,8 @@ def test_check_prints_only_its_own_lines(homeserver_only: Stack) -> None:
     result = check(homeserver_only.gateway_config_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "notary: ok" in result.stdout
+    # No gateway runs: the check's own outbound listener answered the homeserver.
+    assert "outbound: ok (the homeserver's federation requests leave through" in result.stdout
     for line in (result.stdout + result.stderr).splitlines():
         if not line.strip():
             continue

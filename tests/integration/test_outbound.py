@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -21,8 +23,8 @@ import pytest
 from signedjson.key import decode_signing_key_base64, get_verify_key
 from signedjson.sign import verify_signed_json
 
-from gateway.demo import Stack
-from gateway.homeserver.synapse import RegisteredUser
+from gateway.demo import Stack, prepare_stack, to_toml
+from gateway.homeserver.synapse import RegisteredUser, free_port, synapse_process
 from gateway.matrix.events import check_content_hash, redact
 from gateway.matrix.signing import sign_event
 from gateway.matrix.xmatrix import parse_x_matrix, verify_request
@@ -186,6 +188,7 @@ def test_the_notary_is_asked_through_the_outbound_listener_and_answered_locally(
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "outbound: ok" in result.stdout
     after = metric(
         stack,
         "gateway_outbound_requests_total",
@@ -288,3 +291,39 @@ def test_unreachable_destination_is_reported_to_the_inviter_in_bounded_time(
     assert answer.status_code >= 400
     assert "errcode" in answer.json()
     assert time.monotonic() - started < 30
+
+
+@pytest.fixture(scope="module")
+def unrouted_homeserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A Synapse that sends its federation traffic itself, not through the gateway."""
+    stack = prepare_stack(
+        tmp_path_factory.mktemp("unrouted"), port=free_port(), log_format="json", outbound=False
+    )
+    synapse = synapse_process(stack.synapse)
+    synapse.start()
+    try:
+        synapse.wait_until_ready(timeout=90)
+        yield stack
+    finally:
+        synapse.stop()
+
+
+def test_check_says_when_the_homeserver_does_not_send_through_the_gateway(
+    unrouted_homeserver: Stack,
+) -> None:
+    stack = unrouted_homeserver
+    config = tomllib.loads(stack.gateway_config_path.read_text(encoding="utf8"))
+    config["outbound"] = {"enabled": True, "bind": "127.0.0.1:0", "secret": "x" * 24}
+    path = stack.data_dir / "with-outbound.toml"
+    path.write_text(to_toml(config), encoding="utf8")
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=stack.data_dir,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "notary: ok" in result.stdout
+    assert "outbound: the homeserver does not send its federation requests" in result.stderr
+    assert "outbound_federation_restricted_to" in result.stderr
