@@ -60,6 +60,8 @@ class FakeHomeserver:
     release: trio.Event = field(default_factory=trio.Event)
     chunk: bytes = b"m" * 65536
     chunks: int = 64
+    #: events the federation API's ``/event/{eventId}`` serves, by event ID
+    events: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -97,6 +99,13 @@ class FakeHomeserver:
             await _json(send, 200, b'{"server":{"name":"Fake","version":"1.0"}}')
         elif path == "/_matrix/key/v2/server":
             await _json(send, 200, json.dumps(FAKE_HOMESERVER_KEYS).encode())
+        elif path.startswith("/_matrix/federation/v1/event/"):
+            event = self.events.get(path.rsplit("/", 1)[1])
+            if event is None:
+                await _json(send, 404, b'{"errcode":"M_NOT_FOUND","error":"Unknown event"}')
+            else:
+                answer = {"origin": FAKE_HOMESERVER_NAME, "pdus": [event]}
+                await _json(send, 200, json.dumps(answer).encode())
         elif path == "/_matrix/slow":
             await trio.sleep(30)
             await _json(send, 200, b"{}")

@@ -8,11 +8,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import signedjson.key
 import trio
 import trustme
 
 from gateway.config import GatewayConfig
-from tests.unit.app.conftest import FakeHomeserver, StartGateway, make_config
+from tests.unit.app.conftest import (
+    FAKE_HOMESERVER_KEY,
+    FakeHomeserver,
+    StartGateway,
+    make_config,
+)
 from tests.unit.federation.support import HttpsTestServer, ReceivedRequest, Reply
 
 SECRET = "outbound-test-secret-0123456789"
@@ -215,3 +221,143 @@ async def test_wrong_secret_reaches_nothing(
     assert status == 401
     assert json.loads(body)["errcode"] == "M_UNAUTHORIZED"
     assert destination.requests == []
+
+
+# --- our invites as v3 ------------------------------------------------------------------
+
+ROOM = "!room:hs.test"
+CREATE_ID = "$create-event-id"
+INVITE_ID = "$invite-event-id"
+CREATE = {
+    "type": "m.room.create",
+    "state_key": "",
+    "room_id": ROOM,
+    "sender": "@alice:hs.test",
+    "content": {"room_version": "10"},
+    "hashes": {"sha256": "aGFzaA"},
+    "signatures": {"hs.test": {"ed25519:a_fake": "c2ln"}},
+}
+
+
+def v2_invite(destination: str) -> dict[str, Any]:
+    return {
+        "room_version": "10",
+        "event": {
+            "type": "m.room.member",
+            "state_key": f"@bob:{destination}",
+            "sender": "@alice:hs.test",
+            "room_id": ROOM,
+            "content": {"membership": "invite"},
+            "auth_events": ["$power-levels", CREATE_ID],
+        },
+        "invite_room_state": [
+            {"type": "m.room.create", "state_key": "", "sender": "@alice:hs.test", "content": {}},
+            {"type": "m.room.name", "state_key": "", "sender": "@alice:hs.test", "content": {}},
+        ],
+    }
+
+
+def invite_config(
+    tmp_path: Path, homeserver: FakeHomeserver, version: str = "unstable"
+) -> GatewayConfig:
+    with (tmp_path / "signing.key").open("w") as f:
+        signedjson.key.write_signing_keys(f, [FAKE_HOMESERVER_KEY])
+    return make_config(
+        tmp_path,
+        homeserver.url,
+        server={"signing_key_path": "signing.key"},
+        outbound={
+            "enabled": True,
+            "bind": "127.0.0.1:0",
+            "secret": SECRET,
+            "invite_version": version,
+        },
+        federation={
+            "ip_range_whitelist": ["127.0.0.0/8"],
+            "federation_certificate_verification_whitelist": ["localhost"],
+            "trusted_key_servers": [],
+        },
+    )
+
+
+def v2_target() -> str:
+    return (
+        "/_matrix/federation/v2/invite/"
+        + ROOM.replace("!", "%21").replace(":", "%3A")
+        + "/"
+        + INVITE_ID.replace("$", "%24")
+    )
+
+
+async def test_unstable_prefix_is_used_when_configured(
+    tmp_path: Path, homeserver: FakeHomeserver, start_gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    homeserver.events[CREATE_ID] = CREATE
+    destination = await start_destination(nursery)
+    name = f"localhost:{destination.port}"
+    unstable = "/_matrix/federation/unstable/org.matrix.msc0000/invite/%21room%3Ahs.test"
+    destination.reply("PUT", unstable, Reply.json({"event": {"signed": "by the invitee"}}))
+    listening = await start_gateway(invite_config(tmp_path, homeserver))
+    status, _, answer = await proxy_request(
+        listening.outbound_url,
+        "PUT",
+        name,
+        v2_target(),
+        body=json.dumps(v2_invite(name)).encode(),
+        headers={"Authorization": 'X-Matrix origin="hs.test",key="ed25519:a_fake",sig="eA"'},
+    )
+    assert status == 200
+    assert json.loads(answer) == {"event": {"signed": "by the invitee"}}
+    (sent,) = destination.requests
+    assert sent.target == unstable
+    body = sent.json()
+    assert body["state"] == [CREATE]
+    assert [e["type"] for e in body["invite_room_state"]] == ["m.room.name"]
+    assert sent.headers["authorization"].startswith('X-Matrix origin="hs.test"')
+    assert f'destination="{name}"' in sent.headers["authorization"]
+
+
+async def test_missing_endpoint_falls_back_to_the_original_request(
+    tmp_path: Path, homeserver: FakeHomeserver, start_gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    homeserver.events[CREATE_ID] = CREATE
+    destination = await start_destination(nursery)
+    name = f"localhost:{destination.port}"
+    destination.reply("PUT", v2_target(), Reply.json({"event": {"v2": True}}))
+    listening = await start_gateway(invite_config(tmp_path, homeserver, version="v3"))
+    original = json.dumps(v2_invite(name)).encode()
+    synapse_auth = 'X-Matrix origin="hs.test",key="ed25519:a_fake",sig="eA"'
+    status, _, answer = await proxy_request(
+        listening.outbound_url,
+        "PUT",
+        name,
+        v2_target(),
+        body=original,
+        headers={"Authorization": synapse_auth},
+    )
+    assert status == 200 and json.loads(answer) == {"event": {"v2": True}}
+    v3, v2 = destination.requests
+    assert v3.target.startswith("/_matrix/federation/v3/invite/")
+    assert (v2.target, v2.body, v2.headers["authorization"]) == (
+        v2_target(),
+        original,
+        synapse_auth,
+    )
+
+
+async def test_no_create_event_means_v2_unchanged(
+    tmp_path: Path, homeserver: FakeHomeserver, start_gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    destination = await start_destination(nursery)  # the homeserver has no create event
+    name = f"localhost:{destination.port}"
+    destination.reply("PUT", v2_target(), Reply.json({"event": {"v2": True}}))
+    listening = await start_gateway(invite_config(tmp_path, homeserver, version="v3"))
+    status, _, _ = await proxy_request(
+        listening.outbound_url,
+        "PUT",
+        name,
+        v2_target(),
+        body=json.dumps(v2_invite(name)).encode(),
+    )
+    assert status == 200
+    assert [r.target for r in destination.requests] == [v2_target()]
