@@ -91,6 +91,10 @@ _GRACEFUL_TIMEOUT = 5.0
 # Idle keep-alive connections (and clients slow to send their headers) are closed after
 # this, never later than public.request_timeout.
 _KEEP_ALIVE_TIMEOUT = 20.0
+# Synapse keeps idle connections to its federation proxy for 120 s: the outbound listener
+# keeps them longer, so it is always Synapse that closes one (closing it under a request
+# Synapse is about to send would fail that request).
+_OUTBOUND_KEEP_ALIVE_TIMEOUT = 180.0
 #: Paths passed through to the homeserver (unless an owned route or a class below takes them).
 PASSTHROUGH_PREFIXES = (b"/_matrix/", b"/.well-known/matrix/", b"/_synapse/client/")
 #: Every path under this, in any spelling, is a key query whose answer is filtered.
@@ -551,8 +555,12 @@ async def serve(
             internal_tls = internal_tls_files(config)
             stop = trio.Event()
 
-            def listener(app: Any, sock: socket.socket, tls: Any) -> Any:
+            def listener(
+                app: Any, sock: socket.socket, tls: Any, keep_alive: float | None = None
+            ) -> Any:
                 hc = hypercorn_config(config, tls=tls)
+                if keep_alive is not None:
+                    hc.keep_alive_timeout = keep_alive
                 secure, insecure = ([sock], []) if tls else ([], [sock])
                 return partial(
                     worker_serve,
@@ -591,7 +599,12 @@ async def serve(
                         else {services.notary.key.server_name: internal_app}
                     )
                     await nursery.start(
-                        listener(OutboundApp(services, local=local), listeners.outbound, None)
+                        listener(
+                            OutboundApp(services, local=local),
+                            listeners.outbound,
+                            None,
+                            keep_alive=_OUTBOUND_KEEP_ALIVE_TIMEOUT,
+                        )
                     )
                     outbound_url = _url("http", listeners.outbound)
                 task_status.started(
