@@ -22,5 +22,16 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
         echo "nginx is missing: apt-get install -y nginx (the front-proxy tests need it)" >&2
     fi
 fi
+# The CORS test drives a real headless browser (Debian's chromium); it fails when missing.
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing chromium (apt-get)" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y chromium >/dev/null \
+            || { apt-get update >/dev/null && apt-get install -y chromium >/dev/null; }
+    else
+        echo "chromium is missing: apt-get install -y chromium (the CORS browser test needs it)" >&2
+    fi
+fi
 echo "== pytest" >&2
 exec "$venv/bin/pytest" "$@"
