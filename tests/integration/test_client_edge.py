@@ -300,6 +300,25 @@ def test_fallback_keys_are_uploaded_claimed_and_reported_in_sync(
     assert claim() == {"signed_curve25519:AAAAAw": _key(3, fallback=True)}
 
 
+def test_synapse_reads_only_the_stable_fallback_key_name(
+    stack: Stack, gateway: httpx.Client
+) -> None:
+    carol = user(stack)
+    unstable = gateway.post(
+        "/_matrix/client/v3/keys/upload",
+        json={
+            "org.matrix.msc2732.fallback_keys": {"signed_curve25519:AAAAAQ": _key(1, fallback=True)}
+        },
+        headers=bearer(carol.access_token),
+    )
+    synced = gateway.get(
+        "/_matrix/client/v3/sync", params={"timeout": "0"}, headers=bearer(carol.access_token)
+    )
+    assert (unstable.status_code, synced.status_code) == (200, 200), unstable.text
+    # Passed through as sent; Synapse 1.163 ignores the unstable name.
+    assert synced.json()["device_unused_fallback_key_types"] == []
+
+
 # --- CORS in a real browser ---------------------------------------------------------------
 
 CHROMIUM_HINT = (
