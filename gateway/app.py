@@ -256,8 +256,10 @@ class PublicApp:
                     response = await keys.on_key_query(request)
                     await send_response(tracked_send, response, head=method == "HEAD")
                 elif route == "passthrough" or route == "admin":
-                    if client_api and self.guests is not None:
-                        await self.guests.admit(scope, client_api_segments(raw_path) or [])
+                    # Unversioned client paths (/versions) need no authentication: not judged.
+                    segments = client_api_segments(raw_path) if client_api else None
+                    if segments is not None and self.guests is not None:
+                        await self.guests.admit(scope, segments)
                     await services.forwarder.passthrough(scope, receive, tracked_send)
                 else:
                     raise _not_recognized()

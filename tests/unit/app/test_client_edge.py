@@ -233,6 +233,9 @@ async def test_guests_forbidden_endpoints(
         assert answer.json()["errcode"] == "M_GUEST_ACCESS_FORBIDDEN"
         answer = await client.get("/_matrix/client/v3/sync", params={"access_token": GUEST})
         assert answer.status_code == 200
+        # /versions needs no authentication; a client sending its token anyway is not judged.
+        answer = await client.get("/_matrix/client/versions", params={"access_token": GUEST})
+        assert answer.status_code == 200
         answer = await client.get(
             "/_matrix/client/v3/sync",
             params={"access_token": GUEST},
