@@ -45,7 +45,12 @@ from gateway.config import BindAddress, GatewayConfig
 from gateway.errors import Codes, MatrixError
 from gateway.features import invites, joins, keys, knocks
 from gateway.features.cors import Cors
-from gateway.features.guests import GuestEdge, RefusedUnread, client_api_segments
+from gateway.features.guests import (
+    CLIENT_PREFIX,
+    GuestEdge,
+    RefusedUnread,
+    client_api_segments,
+)
 from gateway.features.outbound import OutboundApp
 from gateway.homeserver.forward import ResponseCutShort
 from gateway.http import (
@@ -74,6 +79,7 @@ __all__ = [
     "PublicApp",
     "RouteInstaller",
     "bind_sockets",
+    "handled_prefixes",
     "public_route_table",
     "serve",
 ]
@@ -99,6 +105,14 @@ _OUTBOUND_KEEP_ALIVE_TIMEOUT = 180.0
 PASSTHROUGH_PREFIXES = (b"/_matrix/", b"/.well-known/matrix/", b"/_synapse/client/")
 #: Every path under this, in any spelling, is a key query whose answer is filtered.
 KEY_QUERY_PREFIX = b"/_matrix/key/"
+
+
+def handled_prefixes(config: GatewayConfig) -> tuple[bytes, ...]:
+    """Decoded path prefixes the public listener acts on beyond its router, as
+    :meth:`PublicApp._http` does: key queries always, the client API when ``[cors]`` or
+    ``[guests]`` is on. A front proxy must send all of them to the gateway."""
+    client_edge = config.cors.enabled or config.guests.enabled
+    return (KEY_QUERY_PREFIX, CLIENT_PREFIX) if client_edge else (KEY_QUERY_PREFIX,)
 
 
 def _not_recognized() -> MatrixError:
@@ -213,7 +227,7 @@ class PublicApp:
         client_api = False
         if self.cors is not None or self.guests is not None:
             path = route_path(raw_path)
-            client_api = path.startswith(b"/_matrix/client/")
+            client_api = path.startswith(CLIENT_PREFIX)
             if client_api and self.cors is not None and self.cors.applies(path):
                 send = self.cors.wrap(send)
                 if method == "OPTIONS":

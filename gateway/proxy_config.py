@@ -6,6 +6,9 @@ snippet is derived from the gateway's own route table (:func:`gateway.app.public
 and the key-query class of :meth:`gateway.app.PublicApp.classify`), never from a list kept
 by hand.
 
+The client API (``/_matrix/client/``) is among the gateway's paths when ``[cors]`` or
+``[guests]`` is on: the gateway acts on every client request then.
+
 The rule the snippets follow is an allow-list for bypassing the gateway: a request goes
 straight to the homeserver only when its path is under one of
 :data:`gateway.app.PASSTHROUGH_PREFIXES` *and* not under an owned prefix *and* its raw
@@ -110,11 +113,12 @@ def _url_host_port(url: str) -> tuple[str, str, int]:
 
 def route_plan(config: GatewayConfig, extra: Sequence[Any] = ()) -> RoutePlan:
     """The plan for ``config``; ``extra`` route installers as ``serve`` takes them."""
-    from gateway.app import KEY_QUERY_PREFIX, PASSTHROUGH_PREFIXES, public_route_table
+    from gateway.app import PASSTHROUGH_PREFIXES, handled_prefixes, public_route_table
     from gateway.services import Services
 
     router = public_route_table(cast(Services, _RoutingOnly()), extra)
-    templates = [r.template for r in router.routes] + [KEY_QUERY_PREFIX.decode()]
+    templates = [r.template for r in router.routes]
+    templates += [p.decode() for p in handled_prefixes(config)]
     bind = config.public.bind
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "localhost": "127.0.0.1"}.get(bind.host, bind.host)
     netloc = f"[{host}]:{bind.port}" if ":" in host else f"{host}:{bind.port}"
@@ -420,6 +424,17 @@ def main(args: argparse.Namespace) -> int:
                 f"note: public.x_forwarded is false in {args.config}: behind this proxy, set "
                 "it to true, or the homeserver sees the proxy's address for every request "
                 "that goes through the gateway.",
+                88,
+            ),
+            file=sys.stderr,
+        )
+    if "/_matrix/client/" in plan.gateway_prefixes:
+        why = "[guests]" if config.guests.enabled else "[cors] (on by default)"
+        print(
+            textwrap.fill(
+                f"note: the client API (/_matrix/client/) goes through the gateway because {why} "
+                "is on; with [cors] and [guests] off it goes straight to the homeserver, which "
+                "then answers CORS itself.",
                 88,
             ),
             file=sys.stderr,

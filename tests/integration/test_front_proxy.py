@@ -93,6 +93,9 @@ def front_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FrontProxy
     # What front-proxy mode needs: the proxy's X-Forwarded-* are the client's.
     config = dict(stack.gateway_config)
     config["public"] = {**config["public"], "x_forwarded": True}
+    # The client API straight to Synapse (with [cors] or [guests] on it goes through the
+    # gateway; tests/unit/app/test_proxy_config.py shows that routing).
+    config["cors"] = {"enabled": False}
     stack.gateway_config_path.write_text(to_toml(config), encoding="utf8")
 
     port = free_port()

@@ -165,3 +165,22 @@ def test_command_prints_the_snippet_and_warns_without_x_forwarded(tmp_path: Path
     )
     assert result.returncode == 1
     assert "public.workers" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("tables", "through_gateway"),
+    [
+        ("", True),  # [cors] is on by default
+        ("[cors]\nenabled = false\n", False),
+        ("[cors]\nenabled = false\n[guests]\nenabled = true\n", True),
+    ],
+)
+def test_the_client_api_goes_to_the_gateway_when_its_client_edge_is_on(
+    tmp_path: Path, tables: str, through_gateway: bool
+) -> None:
+    path = tmp_path / "edge.toml"
+    path.write_text(CONFIG + tables)
+    plan = route_plan(load_config(path))
+    assert ("/_matrix/client/" in plan.gateway_prefixes) is through_gateway
+    location = "location ^~ /_matrix/client/ {\n        proxy_pass http://mxgw_gateway;"
+    assert (location in render("nginx", plan)) is through_gateway
