@@ -240,10 +240,23 @@ class PublicApp:
                 status = message["status"]
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
-            await send(message)
+            try:
+                await send(message)
+            except (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError):
+                # Hypercorn closes a connection whose peer broke the framing (a pipelined
+                # request after a refused body) while an answer may still be on its way.
+                raise ClientDisconnected() from None
 
         route = "not_found"
         outcome: str | None = None
+
+        async def answer_error(response: Response) -> None:
+            nonlocal outcome
+            try:
+                await send_response(tracked_send, response, head=method == "HEAD")
+            except ClientDisconnected:
+                outcome = "client_disconnected"
+
         services = self.services
         try:
             match = self.router.match(method, raw_path)
@@ -286,7 +299,7 @@ class PublicApp:
                 if unread and scope.get("http_version") in ("1.0", "1.1"):
                     # The rest of the body is still on the wire: this connection is done.
                     response.headers.append((b"connection", b"close"))
-                await send_response(tracked_send, response, head=method == "HEAD")
+                await answer_error(response)
         except ClientDisconnected:
             outcome = "client_disconnected"
             status = status or 499
@@ -297,7 +310,7 @@ class PublicApp:
             _log.exception("unhandled error", request_id=request_id, route=route)
             if status == 0:
                 error = MatrixError(500, Codes.UNKNOWN, "Internal server error")
-                await send_response(tracked_send, Response.error(error))
+                await answer_error(Response.error(error))
         duration = time.perf_counter() - started
         services.metrics.observe_request(route, status, duration)
         client = scope.get("client")

@@ -363,7 +363,10 @@ async def validate_v3_invite(request: Request) -> ValidatedInvite:
         room_state += [
             e
             for e in sent_room_state
-            if isinstance(e, dict) and (e.get("type"), e.get("state_key")) not in replaced
+            if isinstance(e, dict)
+            and isinstance(e.get("type"), str)
+            and isinstance(e.get("state_key"), str)
+            and (e["type"], e["state_key"]) not in replaced
         ]
     return ValidatedInvite(
         origin=origin,
@@ -473,6 +476,9 @@ async def _apply_policy(
 
 async def on_v3_invite(request: Request) -> Response:
     try:
+        # The body first, under its own limit (408): a client slow to send it is not a
+        # gateway slow to check it (504).
+        await request.body()
         try:
             with trio.fail_after(request.services.config.public.request_timeout):
                 invite = await validate_v3_invite(request)

@@ -1,0 +1,301 @@
+"""A gateway in this process, in front of a fake homeserver that answers like a real one,
+for the bulk of the hostile traffic; and what is needed to aim the generator at it.
+
+The gateway runs with admission policies (so the v1/v2 invite, join and knock policy paths
+run too), a keyring that knows only ``REMOTE``'s key (other origins are refused at once,
+as an unreachable server would be), a 1 MiB body limit and a 3 s request timeout.
+
+Its logs are watched while it runs (:class:`LogWatch`): structlog events and records of the
+standard library's logging (Hypercorn), so a test can say "no traceback".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import quote
+
+import httpx
+import signedjson.key
+import structlog
+import trio
+from signedjson.types import SigningKey
+
+from gateway.app import PUBLIC_ROUTES, Listening, serve
+from gateway.config import GatewayConfig, parse_config
+from gateway.federation.keys import KeyUnavailableError, VerifyKeyWithExpiry
+from gateway.http import Router
+from gateway.services import Services
+from tests.robustness.hostile import Samples, Target
+from tests.support.inprocess_gateway import (
+    HS,
+    HS_KEY,
+    REMOTE,
+    REMOTE_KEY,
+    FakeHomeserverApp,
+    HomeserverRequest,
+    serve_fake_homeserver,
+)
+from tests.support.pdus import event_id_of, make_remote_room, sign_pdu
+
+#: The user of ours that valid invites are for.
+LOCAL_USER = f"@victim:{HS}"
+#: A user of the remote server, who joins and knocks.
+REMOTE_USER = f"@bob:{REMOTE}"
+MAX_BODY_SIZE = 1024 * 1024
+REQUEST_TIMEOUT = 3.0
+
+
+def _matrix_error(status: int, errcode: str, error: str) -> tuple[int, bytes]:
+    return status, json.dumps({"errcode": errcode, "error": error}).encode()
+
+
+class OneServerKeyring:
+    """Knows ``REMOTE``'s key (as the real keyring answers, with a validity), and fails at
+    once for every other server, as the keyring does for one that cannot be reached."""
+
+    async def get_verify_key(
+        self, server_name: str, key_id: str, *, minimum_valid_until_ts: int
+    ) -> VerifyKeyWithExpiry:
+        if (server_name, key_id) == (REMOTE, f"ed25519:{REMOTE_KEY.version}"):
+            return VerifyKeyWithExpiry(
+                key_id, signedjson.key.get_verify_key(REMOTE_KEY), 4_000_000_000_000
+            )
+        raise KeyUnavailableError(server_name, key_id, minimum_valid_until_ts)
+
+
+class RealisticHomeserver(FakeHomeserverApp):
+    """Answers as a homeserver that is in no room would: invites accepted (echoing the event,
+    as Synapse signs and returns it), joins and knocks to unknown rooms refused, key queries
+    and versions answered, the client API answered with empty objects."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    def handle(self, request: HomeserverRequest) -> tuple[int, bytes]:
+        self.requests += 1
+        path = request.raw_path
+        if path == "/_matrix/federation/v1/version":
+            return 200, b'{"server":{"name":"Fake","version":"1"}}'
+        if path.startswith("/_matrix/federation/v2/invite/") and request.method == "PUT":
+            try:
+                body = json.loads(request.body)
+                return 200, json.dumps({"event": body["event"]}).encode()
+            except (ValueError, KeyError, TypeError):
+                return _matrix_error(400, "M_BAD_JSON", "bad invite")
+        if path.startswith("/_matrix/federation/v1/invite/") and request.method == "PUT":
+            try:
+                return 200, json.dumps([200, {"event": json.loads(request.body)}]).encode()
+            except ValueError:
+                return _matrix_error(400, "M_BAD_JSON", "bad invite")
+        if path.startswith(("/_matrix/federation/v1/make_", "/_matrix/federation/v1/state")):
+            return _matrix_error(404, "M_NOT_FOUND", "Unknown room")
+        if "/send_join/" in path or "/send_knock/" in path:
+            return _matrix_error(403, "M_FORBIDDEN", "Host not in room")
+        if path.startswith("/_matrix/federation/v1/timestamp_to_event/"):
+            return _matrix_error(404, "M_NOT_FOUND", "Unknown room")
+        if path.startswith("/_matrix/key/"):
+            return 200, b'{"server_keys":[]}'
+        if path.startswith("/_matrix/client/"):
+            return 200, b'{"versions":["v1.11"]}'
+        return _matrix_error(404, "M_UNRECOGNIZED", "Unrecognized request")
+
+
+@dataclass
+class LogWatch:
+    """Structlog events and standard-library log records seen while active."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    records: list[logging.LogRecord] = field(default_factory=list)
+
+    def tracebacks(self) -> list[str]:
+        """Every logged exception or error, one line each."""
+        found = [
+            f"{e.get('event')}: {e.get('exception') or ''}"
+            for e in self.events
+            if e.get("exception") or e.get("log_level") in ("error", "critical")
+        ]
+        found += [
+            f"{r.name}: {r.getMessage()}\n"
+            + (logging.Formatter().formatException(r.exc_info) if r.exc_info else "")
+            for r in self.records
+            if r.exc_info is not None or r.levelno >= logging.ERROR
+        ]
+        return found
+
+
+class _Records(logging.Handler):
+    def __init__(self, into: list[logging.LogRecord]) -> None:
+        super().__init__(logging.DEBUG)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record)
+
+
+@contextmanager
+def watching_logs() -> Iterator[LogWatch]:
+    """Captures every structlog event (exceptions rendered as text in ``exception``) and
+    every standard-library record while active; the previous configuration comes back."""
+    watch = LogWatch()
+    handler = _Records(watch.records)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old = structlog.get_config()
+    capture = structlog.testing.LogCapture()
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.format_exc_info,
+            capture,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        cache_logger_on_first_use=False,
+    )
+    watch.events = capture.entries
+    try:
+        yield watch
+    finally:
+        structlog.configure(**old)
+        root.removeHandler(handler)
+
+
+def robustness_config(tmp_path: Path, homeserver_url: str, **sections: Any) -> GatewayConfig:
+    key_path = tmp_path / "hs.signing.key"
+    key_path.write_text(
+        f"ed25519 {HS_KEY.version} {signedjson.key.encode_signing_key_base64(HS_KEY)}\n"
+    )
+    data: dict[str, Any] = {
+        "server": {"server_name": HS, "signing_key_path": str(key_path)},
+        "homeserver": {"url": homeserver_url, "connect_timeout": 2.0, "read_timeout": 5.0},
+        "public": {
+            "bind": "127.0.0.1:0",
+            "max_body_size": MAX_BODY_SIZE,
+            "request_timeout": REQUEST_TIMEOUT,
+        },
+        "internal": {"bind": "127.0.0.1:0"},
+        "log": {"format": "json"},
+        "store": {"sqlite_path": str(tmp_path / "gateway.db")},
+        "policies": [
+            {
+                "module": "policies.server_rules",
+                "name": "server_rules",
+                "options": {"deny_origins": ["denied.example"]},
+            },
+            {
+                "module": "tests.support.policies_for_tests",
+                "name": "by_localpart",
+                "timeout": 0.3,
+            },
+        ],
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return parse_config(data, base_dir=tmp_path)
+
+
+@dataclass
+class RunningGateway:
+    listening: Listening
+    services: Services
+    router: Router
+    homeserver: RealisticHomeserver
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        url = httpx.URL(self.listening.public_url)
+        assert url.port is not None
+        return url.host, url.port
+
+    def routes(self) -> tuple[tuple[str, str], ...]:
+        return tuple((r.method, r.template) for r in self.router.routes)
+
+
+@asynccontextmanager
+async def gateway_for_hostile_traffic(
+    nursery: trio.Nursery, tmp_path: Path, **sections: Any
+) -> AsyncIterator[RunningGateway]:
+    homeserver = RealisticHomeserver()
+    url = await serve_fake_homeserver(nursery, homeserver)
+    config = robustness_config(tmp_path, url, **sections)
+    installed: list[tuple[Router, Services]] = []
+
+    def install(router: Router, services: Services) -> None:
+        services.keyring = cast(Any, OneServerKeyring())
+        installed.append((router, services))
+
+    listening: Listening = await nursery.start(
+        lambda task_status: serve(config, public_routes=[install], task_status=task_status)
+    )
+    router, services = installed[0]
+    assert len(router.routes) >= len(PUBLIC_ROUTES)
+    yield RunningGateway(listening, services, router, homeserver)
+
+
+# --- valid material ----------------------------------------------------------------------
+
+
+def make_samples(
+    origin: str, key: SigningKey, local_user: str, remote_user: str, room_version: str = "11"
+) -> Samples:
+    """A remote room with a v3 invite for ``local_user`` and a join and a knock of
+    ``remote_user`` (signed by ``origin``)."""
+    room = make_remote_room(room_version, origin, key)
+    invite = room.make_invite(local_user)
+    body = {
+        "event": invite,
+        "invite_room_state": [
+            {
+                "type": "m.room.name",
+                "state_key": "",
+                "sender": room.creator,
+                "content": {"name": "x"},
+            }
+        ],
+        "state": [room.create, *room.state],
+    }
+
+    def member(membership: str) -> dict[str, Any]:
+        event = room._event(
+            type="m.room.member",
+            state_key=remote_user,
+            sender=remote_user,
+            content={"membership": membership},
+        )
+        return sign_pdu(event, room_version, origin, key)
+
+    join, knock = member("join"), member("knock")
+    return Samples(
+        room_id=room.room_id,
+        v3_invite=body,
+        invite_event_id=event_id_of(invite, room_version),
+        join_event=join,
+        join_event_id=event_id_of(join, room_version),
+        knock_event=knock,
+        knock_event_id=event_id_of(knock, room_version),
+    )
+
+
+def inprocess_target(gateway: RunningGateway) -> Target:
+    host, port = gateway.host_port
+    return Target(
+        host=f"{host}:{port}",
+        server_name=HS,
+        origin=REMOTE,
+        signing_key=REMOTE_KEY,
+        local_user=LOCAL_USER,
+        remote_user=REMOTE_USER,
+        samples=make_samples(REMOTE, REMOTE_KEY, LOCAL_USER, REMOTE_USER),
+        routes=gateway.routes(),
+        max_body_size=MAX_BODY_SIZE,
+        request_timeout=REQUEST_TIMEOUT,
+    )
+
+
+def q(identifier: str) -> str:
+    return quote(identifier, safe="")

@@ -1,0 +1,122 @@
+"""Each crash the hostile-traffic generator found, as a test of its own.
+
+Every test here failed before its fix (the request got a 500, or the gateway logged an
+unhandled exception); the generator's seed and class that found it are named.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from gateway.app import PublicApp
+from gateway.http import Message, Router
+from gateway.services import open_services
+from tests.robustness.harness import (
+    LOCAL_USER,
+    REMOTE_USER,
+    gateway_for_hostile_traffic,
+    make_samples,
+    q,
+    robustness_config,
+    watching_logs,
+)
+from tests.robustness.hostile import wire
+from tests.robustness.wire import _Reader
+from tests.support.inprocess_gateway import REMOTE, REMOTE_KEY, signed_request
+
+
+def unhandled(watch: Any) -> list[str]:
+    return [t for t in watch.tracebacks() if "unhandled" in t or "ASGI" in t]
+
+
+# --- seed 3, mutated_signed: stripped state entries whose type is not a string ------------
+
+
+async def test_v3_invite_with_a_list_as_stripped_state_type_is_a_400_or_delivered(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    samples = make_samples(REMOTE, REMOTE_KEY, LOCAL_USER, REMOTE_USER)
+    body = json.loads(json.dumps(samples.v3_invite))
+    body["invite_room_state"] = [
+        {"type": ["m.room.name"], "state_key": "", "content": {}},
+        {"type": "m.room.topic", "state_key": {"x": 1}, "content": {}},
+        {"type": "m.room.name", "state_key": "", "sender": "@a:b", "content": {"name": "kept"}},
+    ]
+    with watching_logs() as watch:
+        async with gateway_for_hostile_traffic(nursery, tmp_path) as gateway:
+            async with httpx.AsyncClient(base_url=gateway.listening.public_url) as client:
+                uri = f"/_matrix/federation/v3/invite/{q(samples.room_id)}"
+                answer = await signed_request(client, "PUT", uri, body)
+    assert answer.status_code == 200, answer.text
+    assert unhandled(watch) == []
+
+
+# --- seed 3, http_framing: a v3 invite whose body never completes -----------------------
+
+
+async def test_v3_invite_whose_body_stalls_is_a_408_not_a_504(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The client is slow, not the gateway: 408, as every other owned endpoint answers."""
+    samples = make_samples(REMOTE, REMOTE_KEY, LOCAL_USER, REMOTE_USER)
+    async with gateway_for_hostile_traffic(nursery, tmp_path) as gateway:
+        host, port = gateway.host_port
+        path = f"/_matrix/federation/v3/invite/{q(samples.room_id)}"
+        body = json.dumps(samples.v3_invite).encode()
+        data = wire(
+            "PUT",
+            path,
+            [("Authorization", "X-Matrix x"), ("Content-Length", str(len(body) + 10))],
+            body,
+            host=f"{host}:{port}",
+            length=False,
+        )
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            await stream.send_all(data)
+            with trio.fail_after(30):
+                answer = await _Reader(stream).answer(head=False)
+    assert answer.status == 408, answer.body
+    assert json.loads(answer.body)["errcode"] == "M_UNKNOWN"
+
+
+# --- seed 1, pipelining and json_huge: the connection closes while an answer is sent -----
+
+
+async def test_an_answer_that_cannot_be_sent_any_more_does_not_escape_the_app(
+    tmp_path: Path,
+) -> None:
+    """Hypercorn closes a connection whose peer broke the framing (a pipelined request after
+    a body over the limit, say) while the app may still be answering; its send then raises
+    ``trio.BusyResourceError`` (or a closed/broken stream error). The app must treat that as
+    a client that went away, not let it escape as "Error in ASGI Framework"."""
+    config = robustness_config(tmp_path, "http://127.0.0.1:9")
+    async with open_services(config) as services:
+        app = PublicApp(services, Router())
+        for failure in (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError):
+            scope = {
+                "type": "http",
+                "method": "GET",
+                "path": "/nowhere",
+                "raw_path": b"/nowhere",
+                "query_string": b"",
+                "headers": [],
+                "http_version": "1.1",
+            }
+
+            async def receive() -> Message:
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(message: Message, failure: type[Exception] = failure) -> None:
+                raise failure("another task is currently sending data on this SocketStream")
+
+            with watching_logs() as watch:
+                await app(scope, receive, send)
+            assert unhandled(watch) == []
+            [line] = [e for e in watch.events if e.get("event") == "request"]
+            assert line["outcome"] == "client_disconnected"
