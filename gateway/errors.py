@@ -34,6 +34,11 @@ class Codes(StrEnum):
     UNABLE_TO_GRANT_JOIN = "M_UNABLE_TO_GRANT_JOIN"
 
 
+#: Messages longer than this are cut: many quote what the peer sent (an ID, a room version),
+#: and a peer must not make the gateway answer or log megabytes of its own input.
+MAX_MESSAGE_LENGTH = 500
+
+
 class MatrixError(Exception):
     """An error answered to a peer or client as ``{"errcode": ..., "error": ...}``."""
 
@@ -46,6 +51,8 @@ class MatrixError(Exception):
         retry_after_ms: int | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
+        if len(message) > MAX_MESSAGE_LENGTH:
+            message = message[: MAX_MESSAGE_LENGTH - 1] + "…"
         super().__init__(message)
         self.status = status
         self.errcode = str(errcode)

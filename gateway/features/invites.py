@@ -178,7 +178,8 @@ def _room_version_of(create: dict[str, Any]) -> RoomVersion:
             400,
             Codes.INCOMPATIBLE_ROOM_VERSION,
             f"room version {version_id!r} is not supported here",
-            extra={"room_version": version_id},
+            # Room version identifiers are at most 32 code points (spec, "Room Versions").
+            extra={"room_version": version_id} if len(version_id) <= 32 else {},
         )
     if version.event_id_format is EventIdFormat.DOMAIN:
         raise MatrixError(
@@ -561,7 +562,7 @@ def _legacy_invite(endpoint: str) -> Any:
                 Codes.INCOMPATIBLE_ROOM_VERSION,
                 f"invites to rooms of version {parts[1]!r} cannot be checked by this server's "
                 "admission policies",
-                extra={"room_version": parts[1]},
+                extra={"room_version": parts[1]} if len(parts[1]) <= 32 else {},
             )
         event, _, room_state = parts
         room_id = request.path_params["roomId"]

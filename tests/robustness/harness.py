@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +34,7 @@ from gateway.app import PUBLIC_ROUTES, Listening, serve
 from gateway.config import GatewayConfig, parse_config
 from gateway.federation.keys import KeyUnavailableError, VerifyKeyWithExpiry
 from gateway.http import Router
+from gateway.logging import configure_logging
 from gateway.services import Services
 from tests.robustness.hostile import Samples, Target
 from tests.support.inprocess_gateway import (
@@ -56,16 +61,20 @@ def _matrix_error(status: int, errcode: str, error: str) -> tuple[int, bytes]:
 
 
 class OneServerKeyring:
-    """Knows ``REMOTE``'s key (as the real keyring answers, with a validity), and fails at
-    once for every other server, as the keyring does for one that cannot be reached."""
+    """Knows one server's key (``REMOTE``'s by default), as the real keyring answers (with
+    a validity), and fails at once for every other server, as the keyring does for one that
+    cannot be reached."""
+
+    def __init__(self, server_name: str = REMOTE, signing_key: SigningKey = REMOTE_KEY) -> None:
+        self.server_name = server_name
+        self.key_id = f"ed25519:{signing_key.version}"
+        self.verify_key = signedjson.key.get_verify_key(signing_key)
 
     async def get_verify_key(
         self, server_name: str, key_id: str, *, minimum_valid_until_ts: int
     ) -> VerifyKeyWithExpiry:
-        if (server_name, key_id) == (REMOTE, f"ed25519:{REMOTE_KEY.version}"):
-            return VerifyKeyWithExpiry(
-                key_id, signedjson.key.get_verify_key(REMOTE_KEY), 4_000_000_000_000
-            )
+        if (server_name, key_id) == (self.server_name, self.key_id):
+            return VerifyKeyWithExpiry(key_id, self.verify_key, 4_000_000_000_000)
         raise KeyUnavailableError(server_name, key_id, minimum_valid_until_ts)
 
 
@@ -218,7 +227,11 @@ class RunningGateway:
 
 @asynccontextmanager
 async def gateway_for_hostile_traffic(
-    nursery: trio.Nursery, tmp_path: Path, **sections: Any
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    *,
+    remote_key: SigningKey = REMOTE_KEY,
+    **sections: Any,
 ) -> AsyncIterator[RunningGateway]:
     homeserver = RealisticHomeserver()
     url = await serve_fake_homeserver(nursery, homeserver)
@@ -226,7 +239,7 @@ async def gateway_for_hostile_traffic(
     installed: list[tuple[Router, Services]] = []
 
     def install(router: Router, services: Services) -> None:
-        services.keyring = cast(Any, OneServerKeyring())
+        services.keyring = cast(Any, OneServerKeyring(REMOTE, remote_key))
         installed.append((router, services))
 
     listening: Listening = await nursery.start(
@@ -283,18 +296,131 @@ def make_samples(
 
 def inprocess_target(gateway: RunningGateway) -> Target:
     host, port = gateway.host_port
+    return fake_homeserver_target(f"{host}:{port}", gateway.routes())
+
+
+def fake_homeserver_target(
+    host: str, routes: Sequence[tuple[str, str]], remote_key: SigningKey = REMOTE_KEY
+) -> Target:
+    """The generator's target for a gateway of this module (in this process or not)."""
     return Target(
-        host=f"{host}:{port}",
+        host=host,
         server_name=HS,
         origin=REMOTE,
-        signing_key=REMOTE_KEY,
+        signing_key=remote_key,
         local_user=LOCAL_USER,
         remote_user=REMOTE_USER,
-        samples=make_samples(REMOTE, REMOTE_KEY, LOCAL_USER, REMOTE_USER),
-        routes=gateway.routes(),
+        samples=make_samples(REMOTE, remote_key, LOCAL_USER, REMOTE_USER),
+        routes=tuple(routes),
         max_body_size=MAX_BODY_SIZE,
         request_timeout=REQUEST_TIMEOUT,
     )
+
+
+# --- the same gateway in a process of its own ------------------------------------------------
+
+
+@dataclass
+class GatewayProcess:
+    """A gateway of this module in a child process (the traffic's sender keeps this
+    process's core); its log, one JSON object per line, is ``log_path``."""
+
+    public_url: str
+    internal_url: str
+    routes: tuple[tuple[str, str], ...]
+    remote_key: SigningKey
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.log_path.read_text(encoding="utf8", errors="replace").splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                events.append({"event": line, "log_level": "unparsed"})
+        return events
+
+    def tracebacks(self) -> list[str]:
+        """Logged exceptions and errors, and any line that is not a log event."""
+        return [
+            f"{e.get('event')}: {e.get('exception', '')}"
+            for e in self.log_events()
+            if e.get("exception")
+            or e.get("log_level") in ("error", "critical")
+            or any(word in str(e.get("event")) for word in ("Traceback", "Error", "Exception"))
+        ]
+
+
+@contextmanager
+def gateway_process(tmp_path: Path) -> Iterator[GatewayProcess]:
+    """Starts ``python -m tests.robustness.harness`` in ``tmp_path`` with a fresh remote key
+    and stops it on exit."""
+    remote_key = signedjson.key.generate_signing_key("r1")
+    seed = signedjson.key.encode_signing_key_base64(remote_key)
+    log_path = tmp_path / "gateway.log"
+    ready = tmp_path / "listening.json"
+    root = Path(__file__).resolve().parent.parent.parent
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.robustness.harness", str(tmp_path), seed],
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        yield GatewayProcess(
+            public_url=info["public_url"],
+            internal_url=info["internal_url"],
+            routes=tuple((m, t) for m, t in info["routes"]),
+            remote_key=remote_key,
+            log_path=log_path,
+            process=process,
+        )
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+async def _serve_until_stopped(tmp_path: Path, remote_key: SigningKey) -> None:
+    async with trio.open_nursery() as nursery:
+        async with gateway_for_hostile_traffic(nursery, tmp_path, remote_key=remote_key) as gateway:
+            info = {
+                "public_url": gateway.listening.public_url,
+                "internal_url": gateway.listening.internal_url,
+                "routes": gateway.routes(),
+            }
+            written = tmp_path / "listening.json.tmp"
+            written.write_text(json.dumps(info))
+            written.rename(tmp_path / "listening.json")
+            await trio.sleep_forever()
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m tests.robustness.harness DIR REMOTE_KEY_SEED``: serves until SIGINT."""
+    directory, seed = Path(argv[0]), argv[1]
+    configure_logging("json", "info", stream=sys.stderr)
+    remote_key = signedjson.key.decode_signing_key_base64("ed25519", "r1", seed)
+    try:
+        trio.run(_serve_until_stopped, directory, remote_key)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
 
 
 def q(identifier: str) -> str:

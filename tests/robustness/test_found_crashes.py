@@ -120,3 +120,33 @@ async def test_an_answer_that_cannot_be_sent_any_more_does_not_escape_the_app(
             assert unhandled(watch) == []
             [line] = [e for e in watch.events if e.get("event") == "request"]
             assert line["outcome"] == "client_disconnected"
+
+
+# --- seed 4, mutated_signed: a 70,000-character room version, echoed back in full ------
+
+
+async def test_an_error_quoting_what_the_peer_sent_stays_short(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Not a crash but an amplifier: the refusal quoted the peer's room version whole, in
+    the answer and in the log line, so each request of 1 MB cost 2 MB out and 1 MB of log."""
+    samples = make_samples(REMOTE, REMOTE_KEY, LOCAL_USER, REMOTE_USER)
+    huge = "x" * 70_000
+    body = json.loads(json.dumps(samples.v3_invite))
+    body["state"][0]["content"]["room_version"] = huge
+    v2 = {"room_version": huge, "event": samples.v3_invite["event"]}
+    with watching_logs() as watch:
+        async with gateway_for_hostile_traffic(nursery, tmp_path) as gateway:
+            async with httpx.AsyncClient(base_url=gateway.listening.public_url) as client:
+                v3_uri = f"/_matrix/federation/v3/invite/{q(samples.room_id)}"
+                v3_answer = await signed_request(client, "PUT", v3_uri, body)
+                v2_uri = (
+                    f"/_matrix/federation/v2/invite/{q(samples.room_id)}"
+                    f"/{q(samples.invite_event_id)}"
+                )
+                v2_answer = await signed_request(client, "PUT", v2_uri, v2)
+    for answer in (v3_answer, v2_answer):
+        assert answer.status_code == 400, answer.text[:200]
+        assert answer.json()["errcode"] == "M_INCOMPATIBLE_ROOM_VERSION"
+        assert len(answer.content) < 1024
+    assert all(len(repr(e)) < 2048 for e in watch.events)

@@ -31,7 +31,7 @@ import trio
 from tests.robustness.hostile import HostileRequest
 
 _MAX_HEAD = 1024 * 1024
-_KEEP_BODY = 64 * 1024
+_KEEP_BODY = 256 * 1024
 
 
 class _Eof(Exception):
@@ -347,6 +347,7 @@ class _Worker:
                 and not answer.matrix_error
             ):
                 f.non_matrix_errors[request.kind] += 1
+                f._example(request.kind, f"not Matrix JSON {answer.status}", answer.body)
 
 
 async def send_all(
