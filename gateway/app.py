@@ -44,6 +44,7 @@ from hypercorn.utils import wrap_app
 from gateway.config import BindAddress, GatewayConfig
 from gateway.errors import Codes, MatrixError
 from gateway.features import invites, joins, keys, knocks
+from gateway.features.auth import OriginConcurrency
 from gateway.features.cors import Cors
 from gateway.features.guests import (
     CLIENT_PREFIX,
@@ -275,6 +276,9 @@ class PublicApp:
                     raise MatrixError(
                         504, Codes.UNKNOWN, "The request took too long", retry_after_ms=5000
                     ) from None
+                finally:
+                    # The origin's share of public.max_concurrent_per_origin, if it took one.
+                    OriginConcurrency.of(services).leave(request)
                 await send_response(tracked_send, response, head=method == "HEAD")
             else:
                 route = self.classify(raw_path)

@@ -98,6 +98,8 @@ class PublicConfig:
     workers: int = 1
     request_timeout: float = 60.0
     x_forwarded: bool = False
+    #: owned endpoints: requests of one authenticated origin in progress at once, per worker
+    max_concurrent_per_origin: int = 32
 
     @property
     def tls(self) -> bool:
@@ -630,6 +632,7 @@ def _public(r: _Reader, t: Mapping[str, Any]) -> PublicConfig:
             "workers",
             "request_timeout",
             "x_forwarded",
+            "max_concurrent_per_origin",
         },
     )
     cert = r.get(s, t, "tls_certificate_path", None, r.path)
@@ -648,6 +651,9 @@ def _public(r: _Reader, t: Mapping[str, Any]) -> PublicConfig:
         workers=r.get(s, t, "workers", d.workers, _workers),
         request_timeout=r.get(s, t, "request_timeout", d.request_timeout, _seconds),
         x_forwarded=r.get(s, t, "x_forwarded", d.x_forwarded, _boolean),
+        max_concurrent_per_origin=r.get(
+            s, t, "max_concurrent_per_origin", d.max_concurrent_per_origin, _integer(1, 100_000)
+        ),
     )
 
 

@@ -10,6 +10,7 @@ lets a sender sign with several keys); they must name the same origin and one mu
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -32,6 +33,63 @@ KeySource = Callable[[str, str, int], Awaitable[VerifyKey]]
 
 #: A sender signs with each of its keys at most; nobody has more than a few at once.
 MAX_AUTHORIZATION_HEADERS = 4
+#: What a peer over its concurrency cap is told to wait before trying again.
+OVER_CAP_RETRY_AFTER_MS = 1000
+
+
+class OriginConcurrency:
+    """Requests of each authenticated origin in progress on owned endpoints, capped at
+    ``public.max_concurrent_per_origin`` (per worker process).
+
+    An origin counts from the moment its signature verified (before that, the header's
+    ``origin`` is only a claim: counting claims would let anyone use up another server's
+    share) until the gateway has its answer. One origin over the cap gets 429
+    ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``; the others are not slowed down.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._in_progress: dict[str, int] = {}
+        self._held: weakref.WeakKeyDictionary[Request, str] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, services: Any) -> OriginConcurrency:
+        """The services' instance (made once, kept in ``services.extra``)."""
+        existing = services.extra.get("origin_concurrency")
+        if isinstance(existing, OriginConcurrency):
+            return existing
+        made = cls(services.config.public.max_concurrent_per_origin)
+        services.extra["origin_concurrency"] = made
+        return made
+
+    def in_progress(self, origin: str) -> int:
+        return self._in_progress.get(origin, 0)
+
+    def enter(self, request: Request, origin: str) -> None:
+        """Counts ``request`` for ``origin`` (once); raises the 429 when over the cap."""
+        if request in self._held:
+            return
+        current = self._in_progress.get(origin, 0)
+        if current >= self.limit:
+            raise MatrixError(
+                429,
+                Codes.LIMIT_EXCEEDED,
+                f"Too many requests from {origin} in progress (at most {self.limit})",
+                retry_after_ms=OVER_CAP_RETRY_AFTER_MS,
+            )
+        self._in_progress[origin] = current + 1
+        self._held[request] = origin
+
+    def leave(self, request: Request) -> None:
+        """Ends ``request``'s count, if it has one."""
+        origin = self._held.pop(request, None)
+        if origin is None:
+            return
+        remaining = self._in_progress[origin] - 1
+        if remaining:
+            self._in_progress[origin] = remaining
+        else:
+            del self._in_progress[origin]
 
 
 def _unauthorized(message: str) -> MatrixError:
@@ -96,7 +154,7 @@ async def authenticate_request(
             failure = e.message
             continue
         try:
-            return verify_request(
+            verified = verify_request(
                 auth,
                 method=request.method,
                 uri=request.target.decode("latin-1"),
@@ -104,6 +162,8 @@ async def authenticate_request(
                 content=content,
                 verify_key=verify_key,
             )
+            OriginConcurrency.of(request.services).enter(request, verified.origin)
+            return verified
         except DestinationMismatch as e:  # pragma: no cover - checked above
             raise _unauthorized(str(e)) from None
         except SignatureError as e:

@@ -204,7 +204,10 @@ def robustness_config(tmp_path: Path, homeserver_url: str, **sections: Any) -> G
         ],
     }
     for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
+        if isinstance(values, list):
+            data[name] = values
+        else:
+            data.setdefault(name, {}).update(values)
     return parse_config(data, base_dir=tmp_path)
 
 
@@ -213,7 +216,7 @@ class RunningGateway:
     listening: Listening
     services: Services
     router: Router
-    homeserver: RealisticHomeserver
+    homeserver: Any
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -231,15 +234,20 @@ async def gateway_for_hostile_traffic(
     tmp_path: Path,
     *,
     remote_key: SigningKey = REMOTE_KEY,
+    homeserver: Any = None,
+    keyring: Any = None,
     **sections: Any,
 ) -> AsyncIterator[RunningGateway]:
-    homeserver = RealisticHomeserver()
+    """``homeserver`` (an ASGI app) replaces the :class:`RealisticHomeserver`, ``keyring``
+    the one that knows ``REMOTE`` by ``remote_key``; ``sections`` add configuration."""
+    homeserver = homeserver if homeserver is not None else RealisticHomeserver()
     url = await serve_fake_homeserver(nursery, homeserver)
     config = robustness_config(tmp_path, url, **sections)
     installed: list[tuple[Router, Services]] = []
+    keys = keyring if keyring is not None else OneServerKeyring(REMOTE, remote_key)
 
     def install(router: Router, services: Services) -> None:
-        services.keyring = cast(Any, OneServerKeyring(REMOTE, remote_key))
+        services.keyring = cast(Any, keys)
         installed.append((router, services))
 
     listening: Listening = await nursery.start(
