@@ -11,18 +11,18 @@ from typing import Any
 
 import httpx
 import signedjson.key
+from nacl.signing import SigningKey as Ed25519SigningKey
 from signedjson.types import SigningKey
 
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.federation import FederationClient, Keyring, TrustedKeyServer
 from gateway.homeserver.forward import Forwarder
+from gateway.homeserver.state import HomeserverStateReader
 from gateway.metrics import Metrics
 from gateway.notary import DelegationKeys, Notary, NotaryKey, prepare_notary_files
 from gateway.notary.keys import load_or_create_secret
 from gateway.notary.vouches import StoreVouchRecords
 from gateway.policy import PolicyEngine, PolicyLoadError, PolicyMetrics
-from gateway.policy.api import JoinContext, KnockContext
-from gateway.policy.ratelimit import policy_state_reader
 from gateway.store import Store, open_store
 
 __all__ = ["Services", "load_homeserver_signing_key", "now_ms", "open_services"]
@@ -40,7 +40,9 @@ class Services:
     ``request.forward()``); ``homeserver`` is an httpx client with ``base_url`` set to the
     homeserver for the gateway's own calls to it (paths the gateway composes itself);
     ``keyring`` fetches and verifies other servers' keys; ``notary`` is set when the
-    homeserver's signing key is configured (``server.signing_key_path``).
+    homeserver's signing key is configured (``server.signing_key_path``), and so is
+    ``room_state``, the one reader of room state through the homeserver's federation API
+    (joins, knocks, outbound invites and the policies' tools share its caches).
     """
 
     config: GatewayConfig
@@ -53,7 +55,10 @@ class Services:
     notary: Notary | None = None
     #: the homeserver's own signing key (a copy), when configured
     homeserver_signing_key: SigningKey | None = None
-    #: the admission policy engine, when ``[[policies]]`` are configured
+    #: room state read from the homeserver, signed as the homeserver (needs its key)
+    room_state: HomeserverStateReader | None = None
+    #: the admission policy engine (invites, joins, knocks, outbound), when ``[[policies]]``
+    #: are configured
     policy: PolicyEngine | None = None
     #: parts added by features that have no field of their own yet
     extra: dict[str, Any] = field(default_factory=dict)
@@ -127,6 +132,12 @@ async def open_services(
             services.homeserver_signing_key = load_homeserver_signing_key(
                 config.server.signing_key_path
             )
+            if isinstance(services.homeserver_signing_key, Ed25519SigningKey):
+                services.room_state = HomeserverStateReader(
+                    client,
+                    server_name=config.server.server_name,
+                    signing_key=services.homeserver_signing_key,
+                )
             files = prepare_notary_files(config.notary.state_dir)
             name = config.notary.server_name or notary_name or "localhost"
             services.notary = Notary(
@@ -141,17 +152,12 @@ async def open_services(
                 clock_ms=now_ms,
             )
         if config.policies:
-            install_policy_engine(
-                services,
-                PolicyEngine.from_specs(
-                    config.policies,
-                    store=store,
-                    metrics=PolicyMetrics(registry=metrics.registry),
-                    audit_allows=config.policy.audit_allows,
-                    state_reader=policy_state_reader(
-                        client, config.server.server_name, services.homeserver_signing_key
-                    ),
-                ),
+            services.policy = PolicyEngine.from_specs(
+                config.policies,
+                store=store,
+                metrics=PolicyMetrics(registry=metrics.registry),
+                audit_allows=config.policy.audit_allows,
+                state_reader=services.room_state,
             )
         yield services
 
@@ -180,31 +186,9 @@ def reload_policies(services: Services) -> str | None:
             store=services.store,
             metrics=PolicyMetrics(registry=services.metrics.registry),
             audit_allows=fresh.policy.audit_allows,
-            state_reader=policy_state_reader(
-                services.homeserver,
-                services.config.server.server_name,
-                services.homeserver_signing_key,
-            ),
+            state_reader=services.room_state,
         )
     except PolicyLoadError as e:
         return str(e)
-    install_policy_engine(services, engine)
-    return None
-
-
-def install_policy_engine(services: Services, engine: PolicyEngine) -> None:
-    """Makes ``engine`` decide invites, joins and knocks for this worker."""
     services.policy = engine
-
-    async def join_policy(ctx: JoinContext) -> None:
-        outcome = await engine.decide_join(ctx)
-        if not outcome.allowed:
-            raise outcome.error()
-
-    async def knock_policy(ctx: KnockContext) -> None:
-        outcome = await engine.decide_knock(ctx)
-        if not outcome.allowed:
-            raise outcome.error()
-
-    services.extra["join_policy"] = join_policy
-    services.extra["knock_policy"] = knock_policy
+    return None

@@ -18,16 +18,17 @@ The gateway checks all of that on the way through:
     sender belongs to the origin); an authorising user must be ours, joined and able to
     invite; the answer carries the join event with our server's signature.
 
-The decision itself (:func:`decide_join`) is pure: it reaches room state only through a
-:class:`RoomStateReader`, so every branch is testable without a homeserver.
+The decision itself is :func:`gateway.features.restricted_joins.decide_join`; power levels
+and creators are :mod:`gateway.matrix.power_levels`. Room state comes from the one
+homeserver state reader of the worker (``services.room_state``), the policy engine's
+decisions from ``services.policy``.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -36,10 +37,12 @@ from nacl.signing import SigningKey, VerifyKey
 
 from gateway.errors import Codes, MatrixError
 from gateway.features.auth import authenticate_request
-from gateway.homeserver.state import HomeserverStateReader, RoomState
+from gateway.features.restricted_joins import RoomStateReader, decide_join
 from gateway.http import Request, Response, Router
 from gateway.matrix.events import check_content_hash, compute_event_id, redact
-from gateway.matrix.identifiers import InvalidIdentifier, parse_user_id
+from gateway.matrix.identifiers import user_server_name
+from gateway.matrix.power_levels import can_invite
+from gateway.matrix.room_state import RoomState
 from gateway.matrix.room_versions import RoomVersion, UnknownRoomVersion, get_room_version
 from gateway.matrix.signing import SignatureError, sign_event, verify_json
 from gateway.policy.api import JoinContext, JoinStage
@@ -50,21 +53,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUTHORISING_USER",
-    "JoinDecision",
-    "JoinPolicy",
     "JoinServices",
+    "JoinStateReader",
     "MakeJoinRecord",
-    "RoomStateReader",
     "VerifyKeySource",
-    "allowed_room_ids",
-    "can_invite",
     "complete_send_join_answer",
-    "decide_join",
     "install",
     "join_services",
-    "power_level_of",
     "register",
-    "users_who_can_invite",
     "verify_join_event",
 ]
 
@@ -79,223 +75,6 @@ MAKE_JOIN_NAMESPACE = "make_join"
 MAKE_JOIN_RECORD_LIFETIME_MS = 15 * 60 * 1000
 
 
-# --- the state the decision needs ---------------------------------------------------------
-
-
-class RoomStateReader(Protocol):
-    """Room state as the resident homeserver knows it."""
-
-    async def room_state(
-        self, room_id: str, *, at_event_ids: Sequence[str] = ()
-    ) -> RoomState | None:
-        """The state after one of ``at_event_ids`` (default: after the room's newest event);
-        None when the homeserver is not in the room."""
-        ...
-
-
-# --- power levels -------------------------------------------------------------------------
-
-_STRING_INT = re.compile(r"\s*[+-]?[0-9]+\s*")
-
-
-def _level(value: object, version: RoomVersion) -> int | None:
-    """A power level as the room version reads it: integers; before v10 also strings that
-    hold an integer (v10 "Values in m.room.power_levels events must be integers")."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if (
-        not version.integer_only_power_levels
-        and isinstance(value, str)
-        and _STRING_INT.fullmatch(value)
-    ):
-        return int(value)
-    return None
-
-
-def _creators(state: RoomState, version: RoomVersion) -> set[str]:
-    create = state.get("m.room.create")
-    if create is None:
-        return set()
-    sender = create.get("sender")
-    content = state.content("m.room.create")
-    creators: set[str] = set()
-    if version.authorization.creator_is_sender:
-        if isinstance(sender, str):
-            creators.add(sender)
-    elif isinstance(content.get("creator"), str):
-        creators.add(content["creator"])
-    if version.authorization.additional_creators:
-        extra = content.get("additional_creators")
-        if isinstance(extra, list):
-            creators.update(u for u in extra if isinstance(u, str))
-    return creators
-
-
-#: v12 "creators have infinite power level".
-INFINITE_POWER = float("inf")
-
-
-def power_level_of(state: RoomState, user_id: str, version: RoomVersion) -> float:
-    """The user's power level (spec: "Authorization rules", power levels).
-
-    Without an ``m.room.power_levels`` event the room creator has 100 and everyone else 0;
-    from v12 the creators' power is infinite whatever the event says.
-    """
-    if version.authorization.additional_creators and user_id in _creators(state, version):
-        return INFINITE_POWER
-    if state.get("m.room.power_levels") is None:
-        return 100 if user_id in _creators(state, version) else 0
-    content = state.content("m.room.power_levels")
-    users = content.get("users")
-    if isinstance(users, Mapping) and user_id in users:
-        level = _level(users[user_id], version)
-        if level is not None:
-            return level
-    default = _level(content.get("users_default", 0), version)
-    return default if default is not None else 0
-
-
-def invite_level(state: RoomState, version: RoomVersion) -> int:
-    """``invite`` in ``m.room.power_levels``; 0 when missing (spec default)."""
-    level = _level(state.content("m.room.power_levels").get("invite", 0), version)
-    return level if level is not None else 0
-
-
-def can_invite(state: RoomState, user_id: str, version: RoomVersion) -> bool:
-    """Joined, with a power level at least the invite level."""
-    return state.membership(user_id) == "join" and power_level_of(
-        state, user_id, version
-    ) >= invite_level(state, version)
-
-
-def users_who_can_invite(state: RoomState, server_name: str, version: RoomVersion) -> list[str]:
-    """Local joined users who could invite, most powerful first (then by user ID)."""
-    local = [u for u in state.members("join") if _server_of(u) == server_name]
-    able = [u for u in local if can_invite(state, u, version)]
-    return sorted(able, key=lambda u: (-power_level_of(state, u, version), u))
-
-
-# --- the decision -------------------------------------------------------------------------
-
-
-def allowed_room_ids(join_rules_content: Mapping[str, Any]) -> list[str]:
-    """Room IDs of the ``allow`` entries that count: ``{"type": "m.room_membership",
-    "room_id": "<string>"}``. Entries of any other shape are ignored; a missing or empty
-    list allows nobody."""
-    allow = join_rules_content.get("allow")
-    if not isinstance(allow, list):
-        return []
-    rooms: list[str] = []
-    for entry in allow:
-        if (
-            isinstance(entry, Mapping)
-            and entry.get("type") == "m.room_membership"
-            and isinstance(entry.get("room_id"), str)
-            and entry["room_id"] not in rooms
-        ):
-            rooms.append(entry["room_id"])
-    return rooms
-
-
-@dataclass(frozen=True)
-class JoinDecision:
-    """The outcome of :func:`decide_join` for a join that may go ahead."""
-
-    room_version: str
-    join_rule: str | None
-    #: True when the allow rules decided (the user was neither joined nor invited).
-    restricted: bool
-    #: Local users who may authorise the join, best first (empty unless ``restricted``).
-    authorising_users: tuple[str, ...] = ()
-    #: The allowed room the user is a member of.
-    allowed_via: str | None = None
-
-    @property
-    def is_restricted_room(self) -> bool:
-        return self.join_rule in ("restricted", "knock_restricted")
-
-
-def restricted_rule_applies(join_rule: str | None, version: RoomVersion) -> bool:
-    """Whether the room version gives ``join_rule`` MSC3083's meaning."""
-    if join_rule == "restricted":
-        return version.restricted_join
-    if join_rule == "knock_restricted":
-        return version.knock_restricted
-    return False
-
-
-async def decide_join(
-    reader: RoomStateReader,
-    room_id: str,
-    user_id: str,
-    *,
-    server_name: str,
-    at_event_ids: Sequence[str] = (),
-) -> JoinDecision:
-    """Decides a remote user's join as MSC3083's resident server does.
-
-    Raises :class:`MatrixError`: 404 ``M_NOT_FOUND`` when the homeserver is not in the room;
-    403 ``M_FORBIDDEN`` when the user is banned or is in none of the allowed rooms the
-    homeserver knows; 400 ``M_UNABLE_TO_AUTHORISE_JOIN`` when the homeserver is not in
-    some allowed rooms and knows the user in none of the others; 400
-    ``M_UNABLE_TO_GRANT_JOIN`` when no local user could invite.
-    """
-    state = await reader.room_state(room_id, at_event_ids=at_event_ids)
-    if state is None:
-        raise MatrixError(404, Codes.NOT_FOUND, "Unknown room")
-    try:
-        version = get_room_version(state.room_version)
-    except UnknownRoomVersion:
-        raise MatrixError(
-            400, Codes.UNSUPPORTED_ROOM_VERSION, f"Unknown room version {state.room_version!r}"
-        ) from None
-    join_rule = state.content("m.room.join_rules").get("join_rule")
-    join_rule = join_rule if isinstance(join_rule, str) else None
-    plain = JoinDecision(version.identifier, join_rule, restricted=False)
-    if not restricted_rule_applies(join_rule, version):
-        return plain
-    membership = state.membership(user_id)
-    if membership == "ban":
-        raise MatrixError(403, Codes.FORBIDDEN, "The user is banned from the room")
-    # Auth rules: a user already joined or invited joins as in an invite-only room.
-    if membership in ("join", "invite"):
-        return plain
-
-    allowed_via: str | None = None
-    unknown_rooms = 0
-    for allowed in allowed_room_ids(state.content("m.room.join_rules")):
-        allowed_state = await reader.room_state(allowed)
-        if allowed_state is None:
-            unknown_rooms += 1
-        elif allowed_state.membership(user_id) == "join":
-            allowed_via = allowed
-            break
-    if allowed_via is None:
-        if unknown_rooms:
-            raise MatrixError(
-                400,
-                Codes.UNABLE_TO_AUTHORISE_JOIN,
-                "This server is not in the rooms that would allow the join; try another server",
-            )
-        raise MatrixError(
-            403, Codes.FORBIDDEN, "The user is not a member of any room that allows the join"
-        )
-    authorisers = users_who_can_invite(state, server_name, version)
-    if not authorisers:
-        raise MatrixError(
-            400, Codes.UNABLE_TO_GRANT_JOIN, "No user on this server can authorise the join"
-        )
-    return JoinDecision(
-        version.identifier,
-        join_rule,
-        restricted=True,
-        authorising_users=tuple(authorisers),
-        allowed_via=allowed_via,
-    )
-
-
 # --- verifying the join event -------------------------------------------------------------
 
 
@@ -306,15 +85,6 @@ class VerifyKeySource(Protocol):
     async def get_verify_key(
         self, server_name: str, key_id: str, *, minimum_valid_until_ts: int
     ) -> Any: ...
-
-
-def _server_of(user_id: object) -> str | None:
-    if not isinstance(user_id, str):
-        return None
-    try:
-        return parse_user_id(user_id).server_name
-    except InvalidIdentifier:
-        return None
 
 
 async def verify_join_event(
@@ -352,7 +122,7 @@ async def verify_join_event(
         or event.get("state_key") != sender
     ):
         raise MatrixError(400, Codes.BAD_JSON, "Not a join event of its own sender")
-    if _server_of(sender) != origin:
+    if user_server_name(sender) != origin:
         raise MatrixError(403, Codes.FORBIDDEN, "The joining user does not belong to the origin")
     if not check_content_hash(event):
         raise MatrixError(400, Codes.BAD_JSON, "The event's content hash does not match")
@@ -428,7 +198,9 @@ def complete_send_join_answer(
         same = False
     if not same:
         raise MatrixError(502, Codes.UNKNOWN, "The homeserver answered with a different event")
-    if _server_of(authoriser) == server_name and not _is_signed_by(event, server_name, signing_key):
+    if user_server_name(authoriser) == server_name and not _is_signed_by(
+        event, server_name, signing_key
+    ):
         if not granted:
             raise MatrixError(
                 502,
@@ -442,10 +214,13 @@ def complete_send_join_answer(
 
 # --- the services the handlers use --------------------------------------------------------
 
-#: The policy engine's way in (``services.extra["join_policy"]``): called at make_join
-#: (before the homeserver sees the request) and at send_join (before it is forwarded);
-#: raises :class:`MatrixError` to refuse.
-JoinPolicy = Callable[[JoinContext], Awaitable[None]]
+
+class JoinStateReader(RoomStateReader, Protocol):
+    """The room state reader the handlers use (:class:`HomeserverStateReader`)."""
+
+    def forget_latest(self, room_id: str) -> None:
+        """The room just changed: its newest event is to be read afresh."""
+        ...
 
 
 @dataclass
@@ -457,39 +232,32 @@ class JoinServices:
     store: Store
     #: The homeserver's signing key (a copy): signs joins the homeserver did not.
     signing_key: SigningKey
-    state: RoomStateReader
+    state: JoinStateReader
     clock_ms: Callable[[], int] = lambda: int(time.time() * 1000)
     record_lifetime_ms: int = MAKE_JOIN_RECORD_LIFETIME_MS
 
 
 def join_services(services: Services) -> JoinServices:
-    """The handlers' :class:`JoinServices`, made once per ``Services`` and kept in
-    ``services.extra["joins"]`` (tests may put their own there first).
-
-    Needs ``services.keyring``, ``services.store``, ``services.homeserver_signing_key``
-    (``server.signing_key_path``) and ``services.homeserver``.
+    """The handlers' :class:`JoinServices`, taken from ``services``: the keyring, the store,
+    the homeserver's signing key (``server.signing_key_path``) and the worker's homeserver
+    state reader (``services.room_state``). Without them a join is answered 500.
     """
-    existing = services.extra.get("joins")
-    if isinstance(existing, JoinServices):
-        return existing
     signing_key: Any = services.homeserver_signing_key
     if services.keyring is None or services.store is None or signing_key is None:
         log.error("joins need the keyring, the store and the homeserver's signing key")
         raise MatrixError(500, Codes.UNKNOWN, "Internal server error")
     if not isinstance(signing_key, SigningKey):  # signedjson's keys are nacl keys
         raise MatrixError(500, Codes.UNKNOWN, "The homeserver signing key is not ed25519")
-    server_name = services.config.server.server_name
-    made = JoinServices(
-        server_name=server_name,
+    if services.room_state is None:
+        log.error("joins need the homeserver state reader")
+        raise MatrixError(500, Codes.UNKNOWN, "Internal server error")
+    return JoinServices(
+        server_name=services.config.server.server_name,
         keys=services.keyring,
         store=services.store,
         signing_key=signing_key,
-        state=HomeserverStateReader(
-            services.homeserver, server_name=server_name, signing_key=signing_key
-        ),
+        state=services.room_state,
     )
-    services.extra["joins"] = made
-    return made
 
 
 async def _ask_policy(
@@ -502,10 +270,13 @@ async def _ask_policy(
     room_version: str,
     join_rule: str | None,
 ) -> None:
-    policy: JoinPolicy | None = request.services.extra.get("join_policy")
-    if policy is None:
+    """The admission policies' say (``services.policy``), at make_join before the homeserver
+    sees the request and at send_join before it is forwarded; a refusal is raised as its
+    Matrix error."""
+    engine = request.services.policy
+    if engine is None:
         return
-    await policy(
+    outcome = await engine.decide_join(
         JoinContext(
             user=user_id,
             origin=origin,
@@ -517,6 +288,8 @@ async def _ask_policy(
             request_id=request.request_id,
         )
     )
+    if not outcome.allowed:
+        raise outcome.error()
 
 
 # --- authentication -----------------------------------------------------------------------
@@ -580,12 +353,10 @@ async def on_make_join(request: Request) -> Response:
     room_id = request.path_params["roomId"]
     user_id = request.path_params["userId"]
     origin = await authenticate_origin(request, deps.keys, deps.server_name, None, deps.clock_ms())
-    if _server_of(user_id) != origin:
+    if user_server_name(user_id) != origin:
         raise MatrixError(403, Codes.FORBIDDEN, "The user does not belong to the origin")
-    policy_wanted = request.services.extra.get("join_policy") is not None
-    if policy_wanted:
+    if request.services.policy is not None:
         state = await deps.state.room_state(room_id)
-        join_rule = state.content("m.room.join_rules").get("join_rule") if state else None
         await _ask_policy(
             request,
             "make_join",
@@ -593,7 +364,7 @@ async def on_make_join(request: Request) -> Response:
             user_id=user_id,
             room_id=room_id,
             room_version=state.room_version if state else "",
-            join_rule=join_rule if isinstance(join_rule, str) else None,
+            join_rule=state.join_rule if state else None,
         )
 
     # The original request, unchanged: the origin's signature stays valid.
@@ -690,7 +461,7 @@ async def _send_join(request: Request, *, v1: bool) -> Response:
         # Before room version 8 the key means nothing (the spec gives it no role there).
         authoriser = None
     if authoriser is not None:
-        if _server_of(authoriser) != deps.server_name:
+        if user_server_name(authoriser) != deps.server_name:
             raise MatrixError(
                 400,
                 Codes.UNABLE_TO_AUTHORISE_JOIN,
@@ -705,10 +476,9 @@ async def _send_join(request: Request, *, v1: bool) -> Response:
             raise MatrixError(
                 400, Codes.UNABLE_TO_GRANT_JOIN, "The authorising user cannot invite to the room"
             )
-    if request.services.extra.get("join_policy") is not None:
+    if request.services.policy is not None:
         if state is None:
             state = await deps.state.room_state(room_id, at_event_ids=at)
-        join_rule = state.content("m.room.join_rules").get("join_rule") if state else None
         await _ask_policy(
             request,
             "send_join",
@@ -716,7 +486,7 @@ async def _send_join(request: Request, *, v1: bool) -> Response:
             user_id=event["sender"],
             room_id=room_id,
             room_version=version.identifier,
-            join_rule=join_rule if isinstance(join_rule, str) else None,
+            join_rule=state.join_rule if state else None,
         )
 
     response = await request.forward()
@@ -724,9 +494,7 @@ async def _send_join(request: Request, *, v1: bool) -> Response:
         return response
     # The membership just changed: the next restricted join that names this room as an
     # allowed room must see it.
-    forget = getattr(deps.state, "forget_latest", None)
-    if forget is not None:
-        forget(room_id)
+    deps.state.forget_latest(room_id)
     answer = _json_body(response)
     if v1:
         if not (isinstance(answer, list) and len(answer) == 2 and isinstance(answer[1], dict)):

@@ -20,40 +20,24 @@ body, ``Authorization``), so the origin's X-Matrix signature still holds there.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import Codes, MatrixError
-from gateway.features.joins import authenticate_origin, join_services
+from gateway.features.joins import JoinServices, authenticate_origin, join_services
 from gateway.http import Request, Response, Router
-from gateway.matrix.identifiers import InvalidIdentifier, parse_user_id
+from gateway.matrix.identifiers import user_server_name
 from gateway.policy.api import KnockContext, KnockStage
 
 if TYPE_CHECKING:
     from gateway.services import Services
 
 __all__ = [
-    "KnockPolicy",
     "check_knock_event",
     "install",
     "on_make_knock",
     "on_send_knock",
     "register",
 ]
-
-#: The policy engine's way in (``services.extra["knock_policy"]``): called at make_knock and
-#: at send_knock, before the homeserver sees the request; raises :class:`MatrixError` to
-#: refuse.
-KnockPolicy = Callable[[KnockContext], Awaitable[None]]
-
-
-def _server_of(user_id: object) -> str | None:
-    if not isinstance(user_id, str):
-        return None
-    try:
-        return parse_user_id(user_id).server_name
-    except InvalidIdentifier:
-        return None
 
 
 def check_knock_event(event: Any, *, room_id: str, origin: str) -> str:
@@ -79,22 +63,28 @@ def check_knock_event(event: Any, *, room_id: str, origin: str) -> str:
         raise MatrixError(400, Codes.INVALID_PARAM, "Not a knock event of its own sender")
     if event.get("room_id") != room_id:
         raise MatrixError(400, Codes.INVALID_PARAM, "The event's room_id is not the path's")
-    if _server_of(sender) != origin:
+    if user_server_name(sender) != origin:
         raise MatrixError(403, Codes.FORBIDDEN, "The knocking user does not belong to the origin")
     return sender
 
 
 async def _ask_policy(
-    request: Request, stage: KnockStage, *, origin: str, user_id: str, room_id: str
+    request: Request,
+    deps: JoinServices,
+    stage: KnockStage,
+    *,
+    origin: str,
+    user_id: str,
+    room_id: str,
 ) -> None:
-    """Asks the knock policy, with the room's version and join rule as the homeserver knows
-    them. Without a policy nothing is read."""
-    policy: KnockPolicy | None = request.services.extra.get("knock_policy")
-    if policy is None:
+    """Asks the admission policies (``services.policy``), with the room's version and join
+    rule as the homeserver knows them; a refusal is raised as its Matrix error. Without
+    policies nothing is read."""
+    engine = request.services.policy
+    if engine is None:
         return
-    state = await join_services(request.services).state.room_state(room_id)
-    join_rule = state.content("m.room.join_rules").get("join_rule") if state else None
-    await policy(
+    state = await deps.state.room_state(room_id)
+    outcome = await engine.decide_knock(
         KnockContext(
             user=user_id,
             origin=origin,
@@ -102,11 +92,13 @@ async def _ask_policy(
             # The homeserver is not in the room: it will answer 404 itself, the policy may
             # still refuse first.
             room_version=state.room_version if state else "",
-            join_rule=join_rule if isinstance(join_rule, str) else None,
+            join_rule=state.join_rule if state else None,
             stage=stage,
             request_id=request.request_id,
         )
     )
+    if not outcome.allowed:
+        raise outcome.error()
 
 
 async def on_make_knock(request: Request) -> Response:
@@ -114,9 +106,9 @@ async def on_make_knock(request: Request) -> Response:
     room_id = request.path_params["roomId"]
     user_id = request.path_params["userId"]
     origin = await authenticate_origin(request, deps.keys, deps.server_name, None, deps.clock_ms())
-    if _server_of(user_id) != origin:
+    if user_server_name(user_id) != origin:
         raise MatrixError(403, Codes.FORBIDDEN, "The user does not belong to the origin")
-    await _ask_policy(request, "make_knock", origin=origin, user_id=user_id, room_id=room_id)
+    await _ask_policy(request, deps, "make_knock", origin=origin, user_id=user_id, room_id=room_id)
     # The original request, ``ver`` parameters included: the homeserver picks the version.
     return await request.forward()
 
@@ -127,7 +119,7 @@ async def on_send_knock(request: Request) -> Response:
     event = await request.json()
     origin = await authenticate_origin(request, deps.keys, deps.server_name, event, deps.clock_ms())
     sender = check_knock_event(event, room_id=room_id, origin=origin)
-    await _ask_policy(request, "send_knock", origin=origin, user_id=sender, room_id=room_id)
+    await _ask_policy(request, deps, "send_knock", origin=origin, user_id=sender, room_id=room_id)
     return await request.forward()
 
 

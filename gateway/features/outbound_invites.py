@@ -38,7 +38,6 @@ from nacl.signing import SigningKey
 
 from gateway.errors import MatrixError
 from gateway.federation.errors import FederationError
-from gateway.homeserver.state import HomeserverStateReader
 from gateway.http import Response
 from gateway.matrix.room_versions import ROOM_VERSIONS, EventIdFormat, RoomVersion
 from gateway.matrix.xmatrix import sign_request
@@ -170,15 +169,9 @@ def _create_event_id(event: dict[str, Any], room_id: str, version: RoomVersion) 
 async def _read_create_event(
     services: Services, event: dict[str, Any], room_id: str, version: RoomVersion
 ) -> dict[str, Any] | None:
-    key = services.homeserver_signing_key
-    if key is None:
+    reader = services.room_state
+    if reader is None:
         return None
-    reader = HomeserverStateReader(
-        services.homeserver,
-        server_name=services.config.server.server_name,
-        signing_key=cast(SigningKey, key),
-        timeout=services.config.homeserver.read_timeout,
-    )
     for event_id in _create_event_id(event, room_id, version):
         found = await reader.event(event_id)
         if (

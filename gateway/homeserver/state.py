@@ -28,8 +28,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -39,63 +38,12 @@ import trio
 from nacl.signing import SigningKey
 
 from gateway.errors import Codes, MatrixError
+from gateway.matrix.room_state import RoomState
 from gateway.matrix.xmatrix import sign_request
 
-__all__ = ["HomeserverStateReader", "RoomState", "StateKey"]
+__all__ = ["HomeserverStateReader"]
 
 log = structlog.get_logger(__name__)
-
-StateKey = tuple[str, str]
-
-
-@dataclass(frozen=True)
-class RoomState:
-    """The state of one room at one point: the events by (type, state_key)."""
-
-    room_id: str
-    events: Mapping[StateKey, Mapping[str, Any]] = field(default_factory=dict)
-
-    @classmethod
-    def from_events(cls, room_id: str, events: Iterable[Mapping[str, Any]]) -> RoomState:
-        """Later events replace earlier ones with the same (type, state_key); events of
-        another room, and events that are not state, are ignored."""
-        by_key: dict[StateKey, Mapping[str, Any]] = {}
-        for event in events:
-            kind, state_key = event.get("type"), event.get("state_key")
-            if (
-                isinstance(kind, str)
-                and isinstance(state_key, str)
-                and event.get("room_id") == room_id
-            ):
-                by_key[(kind, state_key)] = event
-        return cls(room_id, by_key)
-
-    def get(self, event_type: str, state_key: str = "") -> Mapping[str, Any] | None:
-        return self.events.get((event_type, state_key))
-
-    def content(self, event_type: str, state_key: str = "") -> Mapping[str, Any]:
-        """The event's content, or ``{}`` when there is no such event or no usable content."""
-        event = self.get(event_type, state_key)
-        content = event.get("content") if event is not None else None
-        return content if isinstance(content, Mapping) else {}
-
-    @property
-    def room_version(self) -> str:
-        """``m.room.create``'s ``room_version``; "1" when it has none (spec)."""
-        version = self.content("m.room.create").get("room_version", "1")
-        return version if isinstance(version, str) else "1"
-
-    def membership(self, user_id: str) -> str | None:
-        membership = self.content("m.room.member", user_id).get("membership")
-        return membership if isinstance(membership, str) else None
-
-    def members(self, membership: str = "join") -> list[str]:
-        """Users whose current membership is ``membership``, sorted."""
-        return sorted(
-            key
-            for (kind, key), event in self.events.items()
-            if kind == "m.room.member" and self.membership(key) == membership
-        )
 
 
 class HomeserverStateReader:
@@ -128,7 +76,7 @@ class HomeserverStateReader:
         self._state_after: OrderedDict[tuple[str, str], RoomState] = OrderedDict()
         self._latest: dict[str, tuple[float, str | None]] = {}
 
-    # -- the reader interface used by gateway.features.joins ----------------------------
+    # -- the reader interface (joins, knocks, the policies' tools) -----------------------
 
     async def room_state(
         self, room_id: str, *, at_event_ids: Sequence[str] = ()

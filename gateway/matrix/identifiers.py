@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -281,3 +282,35 @@ def parse_event_id(text: str, room_version: str | RoomVersion | None = None) -> 
     if not ok:
         raise InvalidIdentifier(kind, text, f"must be '$' and {expected} (reference hash)")
     return EventID(opaque=body, server_name=None)
+
+
+def server_name_of(identifier: object) -> str | None:
+    """The server name in a user ID, room alias, or room or event ID of the domain form
+    (``@alice:example.org:8448`` gives ``example.org:8448``); None for anything that is not
+    a valid identifier of those kinds, and for IDs without a server name (v12 room IDs,
+    event IDs from room version 3). Case is kept (server names are case-sensitive)."""
+    if not isinstance(identifier, str) or not identifier:
+        return None
+    parse = _PARSERS_BY_SIGIL.get(identifier[0])
+    if parse is None:
+        return None
+    try:
+        return parse(identifier).server_name
+    except InvalidIdentifier:
+        return None
+
+
+def user_server_name(user_id: object) -> str | None:
+    """The server name of a user ID (historical localparts allowed); None for anything that
+    is not a valid user ID."""
+    if isinstance(user_id, str) and user_id.startswith("@"):
+        return server_name_of(user_id)
+    return None
+
+
+_PARSERS_BY_SIGIL: dict[str, Callable[[str], UserID | RoomAlias | RoomID | EventID]] = {
+    "@": parse_user_id,
+    "#": parse_room_alias,
+    "!": parse_room_id,
+    "$": parse_event_id,
+}

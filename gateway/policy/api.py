@@ -50,6 +50,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeAlias
 
 from gateway.matrix.events import STATE_SUBKEY, STATE_SUBKEY_UNSTABLE
+from gateway.matrix.identifiers import server_name_of
+from gateway.matrix.power_levels import creator_servers
+from gateway.matrix.room_versions import RoomVersion, UnknownRoomVersion, get_room_version
 
 __all__ = [
     "Allow",
@@ -450,9 +453,10 @@ def server_of(user_or_room_id: str) -> str:
 
     >>> server_of("@alice:example.org:8448")
     'example.org:8448'
+
+    "" when it is not such an identifier, or names no server (v12 room IDs).
     """
-    _, sep, server = user_or_room_id.partition(":")
-    return server if sep else ""
+    return server_name_of(user_or_room_id) or ""
 
 
 def state_subkey(event: Mapping[str, Any]) -> str:
@@ -491,20 +495,11 @@ def creator_servers_of(create_event: Mapping[str, Any], room_version: str) -> tu
     ``content.additional_creators`` (entries that are not user IDs are ignored). Order is
     preserved, duplicates removed.
     """
-    users: list[str] = []
-    sender = create_event.get("sender")
-    if isinstance(sender, str):
-        users.append(sender)
-    if _has_additional_creators(room_version):
-        content = create_event.get("content")
-        extra = content.get("additional_creators") if isinstance(content, Mapping) else None
-        if isinstance(extra, list):
-            users.extend(u for u in extra if isinstance(u, str))
-    servers: dict[str, None] = {}
-    for user in users:
-        if user.startswith("@") and server_of(user):
-            servers[server_of(user)] = None
-    return tuple(servers)
+    try:
+        version: RoomVersion | None = get_room_version(room_version)
+    except UnknownRoomVersion:
+        version = None
+    return creator_servers(create_event, version)
 
 
 def claimed_creator_servers(
@@ -524,15 +519,6 @@ def claimed_creator_servers(
                 return servers
     server = server_of(room_id) if room_id.startswith("!") else ""
     return (server,) if server else ()
-
-
-def _has_additional_creators(room_version: str) -> bool:
-    from gateway.matrix.room_versions import UnknownRoomVersion, get_room_version
-
-    try:
-        return get_room_version(room_version).authorization.additional_creators
-    except UnknownRoomVersion:
-        return False
 
 
 class GlobSet:

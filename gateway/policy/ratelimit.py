@@ -14,33 +14,20 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-import httpx
-from nacl.signing import SigningKey
-
-from gateway.homeserver.state import HomeserverStateReader, RoomState
+from gateway.matrix.room_state import RoomState
 from gateway.policy.api import PolicyTools, RateLimitResult, take_tokens
 from gateway.store import Store, Transaction
 
-__all__ = ["RoomStateReader", "StoreBuckets", "StoreTools", "policy_state_reader"]
+__all__ = ["RoomStateReader", "StoreBuckets", "StoreTools"]
 
 
 class RoomStateReader(Protocol):
-    """Room state as the homeserver knows it (:class:`HomeserverStateReader` in a gateway)."""
+    """Room state as the homeserver knows it (``gateway.homeserver.state.HomeserverStateReader``
+    in a gateway, ``services.room_state``)."""
 
     async def room_state(self, room_id: str) -> RoomState | None:
         """The room's current state; None when the homeserver is not in the room."""
         ...
-
-
-def policy_state_reader(
-    client: httpx.AsyncClient, server_name: str, signing_key: object | None
-) -> RoomStateReader | None:
-    """The reader policies get room state from: the homeserver's federation API, signed as
-    the homeserver (``client`` has its ``base_url``). None without the homeserver's signing
-    key (``server.signing_key_path``); policies asking for room state then get an error."""
-    if not isinstance(signing_key, SigningKey):  # signedjson's keys are nacl keys
-        return None
-    return HomeserverStateReader(client, server_name=server_name, signing_key=signing_key)
 
 
 #: Rows whose bucket has been full for this long are deleted now and then.

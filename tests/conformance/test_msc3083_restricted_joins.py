@@ -24,8 +24,8 @@ from gateway.features.joins import (
     AUTHORISING_USER,
     UNSTABLE_EVENT_KEY,
     complete_send_join_answer,
-    decide_join,
 )
+from gateway.features.restricted_joins import decide_join
 from gateway.matrix.room_versions import get_room_version
 from tests.support.pdus import event_id_of, sign_pdu
 from tests.unit.features.test_joins import (

@@ -28,6 +28,7 @@ from gateway.services import Services
 from tests.support.client_api import create_room
 from tests.support.inprocess_gateway import gateway_thread, q
 from tests.support.pdus import event_id_of, sign_pdu
+from tests.support.policy_stub import HookPolicy
 from tests.support.remote_server import RemoteServer
 
 pytestmark = pytest.mark.integration
@@ -67,7 +68,9 @@ def knocks_gateway(
     asked: list[KnockContext] = []
 
     def with_test_policy(router: Router, services: Services) -> None:
-        services.extra["knock_policy"] = partial(_test_policy, asked)
+        services.policy = HookPolicy(  # type: ignore[assignment]
+            knock=partial(_test_policy, asked), otherwise=services.policy
+        )
 
     with gateway_thread(
         stack.gateway_config_path,

@@ -26,7 +26,8 @@ from synapse.events.utils import prune_event
 from gateway.demo import Stack
 from gateway.errors import MatrixError
 from gateway.features import joins
-from gateway.features.joins import AUTHORISING_USER, decide_join
+from gateway.features.joins import AUTHORISING_USER
+from gateway.features.restricted_joins import decide_join
 from gateway.homeserver.state import HomeserverStateReader
 from gateway.homeserver.synapse import RegisteredUser
 from tests.support import client_api

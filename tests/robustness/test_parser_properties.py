@@ -31,9 +31,10 @@ from hypothesis import strategies as st
 from gateway.app import PUBLIC_ROUTES, PublicApp, route_path
 from gateway.errors import MatrixError
 from gateway.features.invites import _find_create_event, _legacy_invite_parts, _room_version_of
-from gateway.features.joins import MakeJoinRecord, allowed_room_ids, verify_join_event
+from gateway.features.joins import MakeJoinRecord, verify_join_event
 from gateway.features.keys import filter_key_query_body
 from gateway.features.knocks import check_knock_event
+from gateway.features.restricted_joins import allowed_room_ids
 from gateway.http import Message, Router, content_length
 from gateway.matrix.canonical_json import InvalidJson, parse_json
 from gateway.matrix.room_versions import ROOM_VERSIONS

@@ -9,14 +9,9 @@ from typing import Any
 import pytest
 
 from gateway.errors import MatrixError
-from gateway.features.joins import (
-    allowed_room_ids,
-    can_invite,
-    decide_join,
-    power_level_of,
-    users_who_can_invite,
-)
-from gateway.homeserver.state import RoomState
+from gateway.features.restricted_joins import allowed_room_ids, decide_join
+from gateway.matrix.power_levels import can_invite, power_level_of, users_who_can_invite
+from gateway.matrix.room_state import RoomState
 from gateway.matrix.room_versions import get_room_version
 
 HERE = "here.example"

@@ -50,6 +50,7 @@ from tests.support.inprocess_gateway import (
     signed_request,
 )
 from tests.support.pdus import event_id_of, sign_pdu
+from tests.support.policy_stub import HookPolicy
 
 VERSION = "10"
 ROOM = "!restricted:hs.test"
@@ -269,7 +270,7 @@ async def test_join_policy_is_asked_before_the_homeserver(setup: Setup) -> None:
         seen.append(ctx)
         raise MatrixError(403, "M_FORBIDDEN", "not today")
 
-    setup.services.extra["join_policy"] = policy
+    setup.services.policy = HookPolicy(join=policy)  # type: ignore[assignment]
     response = await signed_request(setup.gateway, "GET", make_join_uri())
     assert response.status_code == 403, response.text
     assert response.json()["error"] == "not today"

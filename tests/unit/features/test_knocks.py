@@ -36,6 +36,7 @@ from tests.support.inprocess_gateway import (
     signed_as,
     signed_request,
 )
+from tests.support.policy_stub import HookPolicy
 from tests.support.remote_server import x_matrix_authorization
 
 VERSION = "7"
@@ -166,7 +167,7 @@ def allowing_policy(seen: list[KnockContext]) -> Any:
 async def test_make_knock_is_forwarded_byte_for_byte(setup: Setup, with_policy: bool) -> None:
     seen: list[KnockContext] = []
     if with_policy:
-        setup.services.extra["knock_policy"] = allowing_policy(seen)
+        setup.services.policy = HookPolicy(knock=allowing_policy(seen))  # type: ignore[assignment]
     response = await signed_request(setup.gateway, "GET", MAKE_KNOCK_URI)
     assert response.status_code == 200, response.text
     assert response.content == MAKE_KNOCK_ANSWER
@@ -189,7 +190,7 @@ async def test_make_knock_is_forwarded_byte_for_byte(setup: Setup, with_policy: 
 
 async def test_make_knock_refused_by_policy_never_reaches_the_homeserver(setup: Setup) -> None:
     seen: list[KnockContext] = []
-    setup.services.extra["knock_policy"] = refusing_policy(seen)
+    setup.services.policy = HookPolicy(knock=refusing_policy(seen))  # type: ignore[assignment]
     response = await signed_request(setup.gateway, "GET", MAKE_KNOCK_URI)
     assert response.status_code == 403, response.text
     assert response.json() == {"errcode": "M_FORBIDDEN", "error": "no knocking here"}
@@ -199,7 +200,7 @@ async def test_make_knock_refused_by_policy_never_reaches_the_homeserver(setup: 
 
 async def test_make_knock_policy_sees_an_unknown_room_without_version(setup: Setup) -> None:
     seen: list[KnockContext] = []
-    setup.services.extra["knock_policy"] = allowing_policy(seen)
+    setup.services.policy = HookPolicy(knock=allowing_policy(seen))  # type: ignore[assignment]
     uri = f"/_matrix/federation/v1/make_knock/{q('!elsewhere:hs.test')}/{q(KNOCKER)}?ver=7"
     response = await signed_request(setup.gateway, "GET", uri)
     assert response.status_code == 200, response.text
@@ -245,7 +246,7 @@ async def test_make_knock_for_a_user_of_another_server_is_forbidden(setup: Setup
 async def test_send_knock_is_forwarded_byte_for_byte(setup: Setup, with_policy: bool) -> None:
     seen: list[KnockContext] = []
     if with_policy:
-        setup.services.extra["knock_policy"] = allowing_policy(seen)
+        setup.services.policy = HookPolicy(knock=allowing_policy(seen))  # type: ignore[assignment]
     event = knock_event()
     # Not canonical JSON: the homeserver must get these bytes, not a re-encoding.
     body = json.dumps(event, indent=1).encode()
@@ -270,7 +271,7 @@ async def test_send_knock_is_forwarded_byte_for_byte(setup: Setup, with_policy: 
 
 async def test_send_knock_refused_by_policy_never_reaches_the_homeserver(setup: Setup) -> None:
     seen: list[KnockContext] = []
-    setup.services.extra["knock_policy"] = refusing_policy(seen)
+    setup.services.policy = HookPolicy(knock=refusing_policy(seen))  # type: ignore[assignment]
     response = await signed_request(setup.gateway, "PUT", SEND_KNOCK_URI, knock_event())
     assert response.status_code == 403, response.text
     assert response.json()["error"] == "no knocking here"
@@ -296,7 +297,7 @@ async def test_send_knock_refused_by_policy_never_reaches_the_homeserver(setup: 
 async def test_send_knock_refuses_what_is_not_a_knock_of_the_origin(
     setup: Setup, changes: dict[str, Any], status: int, errcode: str
 ) -> None:
-    setup.services.extra["knock_policy"] = allowing_policy([])
+    setup.services.policy = HookPolicy(knock=allowing_policy([]))  # type: ignore[assignment]
     response = await signed_request(setup.gateway, "PUT", SEND_KNOCK_URI, knock_event(**changes))
     assert response.status_code == status, response.text
     assert response.json()["errcode"] == errcode

@@ -18,12 +18,13 @@ import pytest
 
 from gateway.errors import MatrixError
 from gateway.features.invites import _check_invite_event
-from gateway.features.joins import users_who_can_invite, verify_join_event
+from gateway.features.joins import verify_join_event
 from gateway.features.knocks import check_knock_event
 from gateway.federation.keys import KeyFetchError, verify_server_keys_response
-from gateway.homeserver.state import RoomState
 from gateway.matrix.events import compute_event_id
 from gateway.matrix.identifiers import parse_server_name, parse_user_id
+from gateway.matrix.power_levels import users_who_can_invite
+from gateway.matrix.room_state import RoomState
 from gateway.matrix.room_versions import get_room_version
 from gateway.policy.api import Allow, Deny, Drop, GlobSet, MemoryTools, server_of
 from policies import policy_lists, server_rules

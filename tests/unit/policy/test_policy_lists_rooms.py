@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gateway.homeserver.state import RoomState
+from gateway.matrix.room_state import RoomState
 from gateway.policy.api import Allow, Deny, MemoryTools, OptionsError, PolicyTools
 from gateway.policy.engine import FAILED_CLOSED_REASON, PolicyEngine
 from gateway.policy.loading import load_policy_set, parse_policy_config
