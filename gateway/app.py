@@ -71,6 +71,7 @@ from gateway.metrics import CONTENT_TYPE_LATEST
 from gateway.notary import prepare_notary_files
 from gateway.notary import routes as notary_routes
 from gateway.services import Services, open_services, reload_policies
+from gateway.store import StoreError
 
 __all__ = [
     "InternalApp",
@@ -309,6 +310,15 @@ class PublicApp:
             status = status or 499
         except ResponseCutShort as e:
             outcome = f"cut_short:{e.kind}"
+        except StoreError as e:
+            # The database is down or locked: the peer may try again, nothing is broken.
+            outcome = "store_unavailable"
+            _log.warning("store unavailable", request_id=request_id, route=route, error=str(e))
+            if status == 0:
+                error = MatrixError(
+                    503, Codes.UNKNOWN, "Storage is unavailable, try again", retry_after_ms=5000
+                )
+                await answer_error(Response.error(error))
         except Exception:
             outcome = "exception"
             _log.exception("unhandled error", request_id=request_id, route=route)

@@ -18,6 +18,9 @@ Rules:
   that tells the peer nothing about the gateway), with ``"open"`` an allow. Failures are
   logged and counted.
 * A ``shadow`` policy is run, logged, counted and audited like any other, and then ignored.
+* Audit rows are written before the decision is acted on. When the store fails the decision
+  stands and its rows wait in memory (up to :data:`MAX_UNWRITTEN_AUDIT_ROWS`), to be written
+  first with the next decision's rows.
 * :meth:`PolicyEngine.reload` builds a complete new :class:`PolicySet` and swaps it in with
   one assignment; requests already running finish with the set they started with. If
   anything fails the old set stays.
@@ -33,7 +36,7 @@ from typing import Any, Literal
 
 import structlog
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.errors import Codes, MatrixError
 from gateway.policy.api import (
@@ -84,6 +87,8 @@ FAILED_CLOSED_REASON = "Refused by this server's admission policy"
 FailureKind = Literal["timeout", "exception", "invalid_decision", "drop_not_allowed"]
 
 _log = structlog.get_logger("gateway.policy")
+#: Audit rows kept in memory while the store fails; beyond this the oldest are given up.
+MAX_UNWRITTEN_AUDIT_ROWS = 10_000
 _DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
@@ -132,6 +137,16 @@ class PolicyMetrics:
             "gateway_policy_reloads_total",
             "Policy set reloads, by result.",
             ["result"],
+            registry=self.registry,
+        )
+        self.audit_rows_waiting = Gauge(
+            "gateway_policy_audit_rows_waiting",
+            "Audit rows not yet written because the store failed; written with the next ones.",
+            registry=self.registry,
+        )
+        self.audit_rows_dropped = Counter(
+            "gateway_policy_audit_rows_dropped_total",
+            "Audit rows given up while the store failed, beyond the rows kept waiting.",
             registry=self.registry,
         )
 
@@ -216,6 +231,8 @@ class PolicyEngine:
         self.audit_allows = audit_allows
         self._specs: tuple[PolicySpec, ...] = tuple(specs)
         self._active = self._prepare(policy_set if policy_set is not None else PolicySet())
+        #: audit rows whose write failed (the store was down), written with the next ones
+        self._unwritten: list[AuditRecord] = []
 
     @classmethod
     def from_specs(cls, specs: Sequence[PolicySpec], **kwargs: Any) -> PolicyEngine:
@@ -451,11 +468,28 @@ class PolicyEngine:
     async def _audit(self, records: list[AuditRecord], request_id: str) -> None:
         if self._store is None:
             return
+        # Rows that could not be written before go first, so the trail keeps its order.
+        waiting, self._unwritten = [*self._unwritten, *records], []
         try:
-            await write_decisions(self._store, records)
-        except Exception:
-            # The decision stands; losing its audit row must not turn into a 500.
-            _log.exception("policy.audit_write_failed", request_id=request_id)
+            await write_decisions(self._store, waiting)
+        except Exception as e:
+            # The decision stands (a store outage must not turn into a 500); its rows wait
+            # in memory for the next write that succeeds.
+            pending = waiting + self._unwritten
+            self._unwritten = pending[-MAX_UNWRITTEN_AUDIT_ROWS:]
+            dropped = len(pending) - len(self._unwritten)
+            self.metrics.audit_rows_waiting.set(len(self._unwritten))
+            if dropped:
+                self.metrics.audit_rows_dropped.inc(dropped)
+            _log.warning(
+                "policy.audit_write_failed",
+                request_id=request_id,
+                error=str(e),
+                waiting=len(self._unwritten),
+                dropped=dropped,
+            )
+        else:
+            self.metrics.audit_rows_waiting.set(len(self._unwritten))
 
 
 def _reason(decision: Decision) -> str:

@@ -2,6 +2,10 @@
 
 psycopg's synchronous connections run in Trio worker threads (its async mode needs
 asyncio). A small pool keeps idle connections; a broken connection is dropped, not reused.
+A pooled connection the server ended while it sat idle (a restart, an administrator's
+``pg_terminate_backend``) fails at BEGIN, before any work ran: the work then runs once on a
+new connection, so a restart costs no request. A connection that breaks later fails its
+transaction (its outcome is unknown, so it is not repeated).
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ class _PostgresTransaction:
         return None if row is None else tuple(row)
 
 
+class _EndedWhileIdle(Exception):
+    """A pooled connection failed its BEGIN: it was dead before any of the work ran."""
+
+
 def _migrate(tx: Transaction) -> int:
     tx.fetch_one(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_ID})")
     return apply_migrations(tx)
@@ -83,14 +91,29 @@ class PostgresStore(SqlStore):
     def _run(
         self, conn: psycopg.Connection[Any] | None, work: Callable[[Transaction], T]
     ) -> tuple[T, psycopg.Connection[Any]]:
-        if conn is None or conn.closed:
-            conn = self._connect()
+        if conn is not None and not conn.closed:
+            try:
+                return self._attempt(conn, work, pooled=True)
+            except _EndedWhileIdle:
+                # The server ended the pooled connection while it was idle (a restart,
+                # pg_terminate_backend): nothing ran on it, so a new one runs the work.
+                pass
+        return self._attempt(self._connect(), work, pooled=False)
+
+    def _attempt(
+        self, conn: psycopg.Connection[Any], work: Callable[[Transaction], T], *, pooled: bool
+    ) -> tuple[T, psycopg.Connection[Any]]:
+        began = False
         try:
-            with conn.transaction(), conn.cursor() as cursor:
-                return work(_PostgresTransaction(cursor)), conn
-        except BaseException:
+            with conn.transaction():
+                began = True
+                with conn.cursor() as cursor:
+                    return work(_PostgresTransaction(cursor)), conn
+        except BaseException as e:
             if conn.broken or conn.closed:
                 conn.close()
+                if pooled and not began and isinstance(e, psycopg.OperationalError):
+                    raise _EndedWhileIdle() from e
             else:
                 # Still usable: hand it back to the pool through the exception.
                 self._idle.append(conn)

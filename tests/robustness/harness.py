@@ -355,7 +355,7 @@ class GatewayProcess:
             f"{e.get('event')}: {e.get('exception', '')}"
             for e in self.log_events()
             if e.get("exception")
-            or e.get("log_level") in ("error", "critical")
+            or e.get("level") in ("error", "critical")
             or any(word in str(e.get("event")) for word in ("Traceback", "Error", "Exception"))
         ]
 

@@ -1,0 +1,180 @@
+"""What a failing store does to requests and to the audit trail.
+
+Each test failed before its fix:
+
+* PostgreSQL ending the gateway's idle connections (a restart, ``pg_terminate_backend``):
+  the next transaction on each pooled connection failed, and the request with it (500);
+  now it runs on a new connection, and work that already ran is never run twice.
+* A store that fails (down, locked past its busy timeout, closed): an unhandled exception
+  and a 500; now 503 ``M_UNKNOWN`` with ``retry_after_ms``, logged without a traceback.
+* An audit row whose write failed was lost; now it waits and is written with the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import httpx
+import psycopg
+import pytest
+import trio
+
+from gateway.policy.api import InviteContext, deny
+from gateway.policy.audit import query_decisions
+from gateway.policy.engine import PolicyEngine
+from gateway.policy.loading import LoadedPolicy, PolicySet, PolicySpec
+from gateway.store import Dialect, Store, StoreError, Transaction, open_store
+from gateway.store._postgres import PostgresStore
+from tests.robustness.harness import (
+    LOCAL_USER,
+    REMOTE_USER,
+    gateway_for_hostile_traffic,
+    make_samples,
+    q,
+    watching_logs,
+)
+from tests.support.inprocess_gateway import REMOTE, REMOTE_KEY, signed_request
+from tests.support.stack_fixtures import PG_ADMIN_DSN, postgres_database
+
+T = TypeVar("T")
+
+pytestmark = pytest.mark.postgres
+
+
+def terminate_backends(dsn: str) -> int:
+    database = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database,),
+        ).fetchall()
+    return len(rows)
+
+
+async def _kv_set(store: Store, key: str) -> None:
+    await store.kv_set("t", key, "v", expires_ts=None)
+
+
+async def test_postgres_connections_ended_while_idle_cost_no_transaction() -> None:
+    with postgres_database("outage") as dsn:
+        store = await PostgresStore.open(dsn)
+        try:
+            # Fill the pool with several connections, then have the server end them all.
+            async with trio.open_nursery() as nursery:
+                for i in range(4):
+                    nursery.start_soon(_kv_set, store, f"k{i}")
+            ended = await trio.to_thread.run_sync(terminate_backends, dsn)
+            assert ended >= 1
+            for i in range(6):
+                await store.kv_set("t", f"after{i}", "v", expires_ts=None)
+                assert await store.kv_get("t", f"after{i}", now_ts=0) == "v"
+        finally:
+            await store.aclose()
+
+
+async def test_work_that_breaks_its_connection_runs_once_and_fails() -> None:
+    with postgres_database("outage") as dsn:
+        store = await PostgresStore.open(dsn)
+        calls = 0
+
+        def work(tx: Transaction) -> None:
+            nonlocal calls
+            calls += 1
+            tx.fetch_one("SELECT pg_terminate_backend(pg_backend_pid())")
+
+        try:
+            with pytest.raises(StoreError):
+                await store.run_transaction(work)
+            assert calls == 1
+            assert await store.run_transaction(lambda tx: tx.fetch_one("SELECT 1")) == (1,)
+        finally:
+            await store.aclose()
+
+
+async def test_a_failing_store_is_a_503_not_a_500(nursery: trio.Nursery, tmp_path: Path) -> None:
+    samples = make_samples(REMOTE, REMOTE_KEY, LOCAL_USER, REMOTE_USER)
+    with watching_logs() as watch:
+        async with gateway_for_hostile_traffic(nursery, tmp_path, policies=[]) as gateway:
+            # The notary records whom it vouched for in the store before the invite goes on.
+            assert gateway.services.store is not None
+            await gateway.services.store.aclose()
+            async with httpx.AsyncClient(base_url=gateway.listening.public_url) as client:
+                uri = f"/_matrix/federation/v3/invite/{q(samples.room_id)}"
+                answer = await signed_request(client, "PUT", uri, samples.v3_invite)
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["errcode"] == "M_UNKNOWN"
+    assert answer.json()["retry_after_ms"] > 0
+    assert [t for t in watch.tracebacks() if "unhandled" in t] == []
+    assert any(e.get("event") == "store unavailable" for e in watch.events)
+
+
+class FailingWhenTold:
+    """A store that fails every transaction while ``failing`` is set."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.failing = False
+
+    @property
+    def dialect(self) -> Dialect:
+        return self.store.dialect
+
+    async def run_transaction(self, work: Callable[[Transaction], T], *, write: bool = True) -> T:
+        if self.failing:
+            raise StoreError("SQLite: database is locked")
+        return await self.store.run_transaction(work, write=write)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+async def _deny_all(ctx: InviteContext, options: Any) -> Any:
+    return deny("no")
+
+
+def _engine(store: Any) -> PolicyEngine:
+    spec = PolicySpec(module="deny_all", name="deny_all")
+    loaded = LoadedPolicy(
+        spec=spec, module=cast(Any, None), hooks={"invite": _deny_all}, options={}
+    )
+    return PolicyEngine(PolicySet(policies=(loaded,), generation=1), store=store)
+
+
+def _ctx(room: str) -> InviteContext:
+    return InviteContext(
+        event={},
+        inviter="@a:remote.test",
+        invitee="@b:hs.test",
+        origin="remote.test",
+        room_id=room,
+        room_version="11",
+        create_event=None,
+        create_event_verified=False,
+        creator_servers=(),
+        stripped_state_untrusted=(),
+        endpoint="v3",
+        request_id=room,
+    )
+
+
+async def test_an_audit_row_whose_write_failed_is_written_with_the_next(tmp_path: Path) -> None:
+    store = await open_store("sqlite", sqlite_path=str(tmp_path / "audit.db"))
+    flaky = FailingWhenTold(store)
+    engine = _engine(flaky)
+    try:
+        flaky.failing = True
+        with watching_logs() as watch:
+            first = await engine.decide_invite(_ctx("!first:remote.test"))
+        assert first.denied  # the decision stands
+        assert any(e.get("event") == "policy.audit_write_failed" for e in watch.events)
+        assert engine.metrics.audit_rows_waiting._value.get() == 1
+        flaky.failing = False
+        await engine.decide_invite(_ctx("!second:remote.test"))
+        rows = await query_decisions(store)
+        assert [r.room_id for r in rows] == ["!first:remote.test", "!second:remote.test"]
+        assert engine.metrics.audit_rows_waiting._value.get() == 0
+    finally:
+        await store.aclose()
