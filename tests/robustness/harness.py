@@ -307,6 +307,15 @@ def inprocess_target(gateway: RunningGateway) -> Target:
     return fake_homeserver_target(f"{host}:{port}", gateway.routes())
 
 
+def owned_routes() -> tuple[tuple[str, str], ...]:
+    """(method, template) of every owned route, as ``gateway.app.PUBLIC_ROUTES`` installs
+    them (installers only register routes; the services are for their handlers)."""
+    router = Router()
+    for install in PUBLIC_ROUTES:
+        install(router, cast(Services, object()))
+    return tuple((r.method, r.template) for r in router.routes)
+
+
 def fake_homeserver_target(
     host: str, routes: Sequence[tuple[str, str]], remote_key: SigningKey = REMOTE_KEY
 ) -> Target:
