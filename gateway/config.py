@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from gateway.federation.address_guard import DEFAULT_IP_RANGE_BLACKLIST
+from gateway.matrix.identifiers import InvalidIdentifier, parse_server_name
 from gateway.policy.loading import PolicyConfigError, PolicySpec, parse_policy_config
 
 __all__ = [
@@ -518,25 +519,14 @@ def _is_loopback(host: str) -> bool:
 def _server_name(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"must be a non-empty server name, got {_show(value)}")
-    host, port = value, ""
-    if value.startswith("["):
-        end = value.find("]")
-        host, rest = value[: end + 1], value[end + 1 :]
-        if end < 0 or (rest and not rest.startswith(":")):
-            raise ValueError(f"must be 'host' or 'host:port', got {_show(value)}")
-        port = rest[1:]
-    elif ":" in value:
-        host, _, port = value.partition(":")
-    if port and not (port.isdigit() and 0 < int(port) <= 65535):
-        raise ValueError(f"has an invalid port, got {_show(value)}")
-    if not _SERVER_HOST.fullmatch(host):
+    try:
+        parse_server_name(value)
+    except InvalidIdentifier as e:
         raise ValueError(
-            f"must be a DNS name or IP literal (with optional :port), got {_show(value)}"
-        )
+            f"must be a DNS name or IP literal (with optional :port): {e.reason}, "
+            f"got {_show(value)}"
+        ) from None
     return value
-
-
-_SERVER_HOST = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
 
 
 def _url(value: Any) -> str:

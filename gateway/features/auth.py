@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
-
-from nacl.signing import VerifyKey
+from typing import Any
 
 from gateway.errors import Codes, MatrixError
+from gateway.federation.keys import KeySource
 from gateway.http import Request
 from gateway.matrix.signing import SignatureError
 from gateway.matrix.xmatrix import (
@@ -26,10 +24,6 @@ from gateway.matrix.xmatrix import (
     parse_x_matrix,
     verify_request,
 )
-
-#: (origin, key id, minimum_valid_until_ts) -> the origin's verify key; raises MatrixError
-KeySource = Callable[[str, str, int], Awaitable[VerifyKey]]
-
 
 #: A sender signs with each of its keys at most; nobody has more than a few at once.
 MAX_AUTHORIZATION_HEADERS = 4
@@ -96,30 +90,21 @@ def _unauthorized(message: str) -> MatrixError:
     return MatrixError(401, Codes.UNAUTHORIZED, message)
 
 
-def keyring_source(request: Request) -> KeySource:
-    keyring = request.services.require_keyring()
-
-    async def lookup(origin: str, key_id: str, minimum: int) -> VerifyKey:
-        found = await keyring.get_verify_key(origin, key_id, minimum_valid_until_ts=minimum)
-        return cast(VerifyKey, found.verify_key)
-
-    return lookup
-
-
 async def authenticate_request(
     request: Request,
     content: Any | None,
     *,
+    keys: KeySource,
     destination: str | None = None,
-    keys: KeySource | None = None,
+    now_ms: int | None = None,
 ) -> XMatrixAuth:
     """Checks the request's X-Matrix signature(s); returns the header that verified.
 
-    ``content`` is the parsed JSON body (None for a request without one); ``destination``
-    defaults to our server name; ``keys`` defaults to the keyring.
+    ``content`` is the parsed JSON body (None for a request without one); ``keys`` gives the
+    origin's keys (the keyring; the notary's own source); ``destination`` defaults to our
+    server name.
     """
     destination = destination or request.services.config.server.server_name
-    keys = keys or keyring_source(request)
     headers = [
         v.decode("latin-1")
         for k, v in request.headers
@@ -141,7 +126,7 @@ async def authenticate_request(
     if len(origins) != 1:
         raise _unauthorized("X-Matrix Authorization headers name different origins")
     # Key validity: the key must be valid now (request signatures are checked at receipt).
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000) if now_ms is None else now_ms
     failure = "no signature verified"
     for auth in parsed:
         if auth.destination is not None and auth.destination != destination:
@@ -149,7 +134,7 @@ async def authenticate_request(
                 f"X-Matrix destination {auth.destination!r} is not this server ({destination!r})"
             )
         try:
-            verify_key = await keys(auth.origin, auth.key_id, now)
+            found = await keys.get_verify_key(auth.origin, auth.key_id, minimum_valid_until_ts=now)
         except MatrixError as e:
             failure = e.message
             continue
@@ -160,7 +145,7 @@ async def authenticate_request(
                 uri=request.target.decode("latin-1"),
                 destination=destination,
                 content=content,
-                verify_key=verify_key,
+                verify_key=found.verify_key,
             )
             OriginConcurrency.of(request.services).enter(request, verified.origin)
             return verified

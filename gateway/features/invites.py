@@ -35,26 +35,20 @@ from typing import Any, cast
 from urllib.parse import quote
 
 import trio
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import SigningKey
 
 from gateway.errors import Codes, MatrixError
 from gateway.features.auth import authenticate_request
+from gateway.federation.pdu_check import PduProblem, PduRejected, check_pdu
 from gateway.http import Request, Response, Router
-from gateway.matrix.canonical_json import CanonicalJsonError, encode_canonical_json
-from gateway.matrix.events import check_content_hash, compute_event_id, compute_room_id
+from gateway.matrix.events import compute_event_id, compute_room_id
 from gateway.matrix.identifiers import InvalidIdentifier, parse_user_id
 from gateway.matrix.room_versions import (
     ROOM_VERSIONS,
     EventIdFormat,
     RoomVersion,
 )
-from gateway.matrix.signing import (
-    ServerKey,
-    SignatureError,
-    required_signers,
-    sign_event,
-    verify_event,
-)
+from gateway.matrix.signing import sign_event
 from gateway.matrix.xmatrix import sign_request
 from gateway.policy.api import InviteContext, claimed_creator_servers, creator_servers_of
 from gateway.services import Services, now_ms
@@ -95,60 +89,24 @@ class ValidatedInvite:
         return creator_servers_of(self.create_event, self.room_version.identifier)
 
 
-async def _fetch_keys(
-    services: Services, event: dict[str, Any], version: RoomVersion
-) -> dict[tuple[str, str], ServerKey]:
-    """The verify keys for every signature an event must carry, fetched by the keyring.
-
-    From room v5 a key must have been valid when the event was sent; a key that cannot be
-    had is left out, so the signature check names what is missing.
-    """
-    keyring = services.require_keyring()
-    try:
-        servers = required_signers(event, version)
-    except SignatureError as e:
-        raise _invalid(f"cannot tell who must sign the event: {e}") from None
-    minimum = 0
-    ts = event.get("origin_server_ts")
-    if version.enforce_key_validity and isinstance(ts, int) and not isinstance(ts, bool):
-        minimum = ts
-    signatures = event.get("signatures")
-    keys: dict[tuple[str, str], ServerKey] = {}
-    for server in servers:
-        by_key = signatures.get(server) if isinstance(signatures, dict) else None
-        if not isinstance(by_key, dict):
-            continue
-        key_ids = [k for k in by_key if isinstance(k, str) and k.startswith("ed25519:")]
-        for key_id in key_ids[:MAX_KEYS_PER_SERVER]:
-            try:
-                found = await keyring.get_verify_key(server, key_id, minimum_valid_until_ts=minimum)
-            except MatrixError:
-                continue
-            keys[(server, key_id)] = ServerKey(
-                cast(VerifyKey, found.verify_key), found.valid_until_ts
-            )
-    return keys
-
-
 async def _check_pdu(
     services: Services, event: dict[str, Any], version: RoomVersion, what: str
 ) -> None:
-    """Hashes and signatures of a received PDU; any failure is 400 M_INVALID_PARAM."""
-    if version.strict_canonical_json:
-        try:
-            encode_canonical_json(event, strict=True)
-        except CanonicalJsonError as e:
+    """Hashes and signatures of a received PDU (:mod:`gateway.federation.pdu_check`);
+    non-canonical JSON is 400 M_BAD_JSON, any other failure 400 M_INVALID_PARAM."""
+    try:
+        await check_pdu(event, version, services.require_keyring(), now_ms=now_ms())
+    except PduRejected as e:
+        if e.problem is PduProblem.NOT_CANONICAL:
             raise _bad_json(
                 f"the {what} is not canonical JSON, as room version "
-                f"{version.identifier} requires: {e}"
+                f"{version.identifier} requires: {e.detail}"
             ) from None
-    if not check_content_hash(event):
-        raise _invalid(f"the {what} fails its content hash check")
-    keys = await _fetch_keys(services, event, version)
-    try:
-        verify_event(event, version, keys, now_ms=now_ms())
-    except SignatureError as e:
-        raise _invalid(f"the {what} fails its signature check: {e}") from None
+        if e.problem is PduProblem.CONTENT_HASH:
+            raise _invalid(f"the {what} fails its content hash check") from None
+        if e.problem is PduProblem.UNKNOWN_SIGNERS:
+            raise _invalid(f"cannot tell who must sign the event: {e.detail}") from None
+        raise _invalid(f"the {what} fails its signature check: {e.detail}") from None
 
 
 def _find_create_event(state: list[Any]) -> dict[str, Any]:
@@ -210,7 +168,7 @@ def _user_server(user_id: Any, what: str) -> str:
     if not isinstance(user_id, str):
         raise _invalid(f"the invite's {what} must be a user ID")
     try:
-        return str(parse_user_id(user_id).server_name)
+        return parse_user_id(user_id).server_name
     except InvalidIdentifier as e:
         raise _invalid(f"the invite's {what} is not a valid user ID: {e}") from None
 
@@ -239,8 +197,6 @@ def _check_invite_event(
 #: More entries in ``state`` than this are ignored: an invite needs a handful of events, and
 #: each one costs hashing, signature checks and possibly key fetches.
 MAX_STATE_EVENTS = 100
-#: Signatures by more key ids of one server than this are not looked up.
-MAX_KEYS_PER_SERVER = 4
 #: The auth rules never give an event more than this many auth events.
 MAX_AUTH_EVENTS = 10
 
@@ -322,7 +278,7 @@ async def validate_v3_invite(request: Request) -> ValidatedInvite:
     our_server = services.config.server.server_name
     path_room_id = request.path_params["roomId"]
     body = await request.json()
-    auth = await authenticate_request(request, body)
+    auth = await authenticate_request(request, body, keys=services.require_keyring())
     origin = auth.origin
     if not isinstance(body, dict):
         raise _bad_json("the request body must be a JSON object")
@@ -550,7 +506,7 @@ def _legacy_invite(endpoint: str) -> Any:
         if services.policy is None:
             return await request.forward()
         body = await request.json()
-        auth = await authenticate_request(request, body)
+        auth = await authenticate_request(request, body, keys=services.require_keyring())
         parts = _legacy_invite_parts(body, endpoint)
         if parts is None:
             # Never forwarded unchecked: that would pass by the policies.

@@ -30,21 +30,23 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import SigningKey
 
 from gateway.errors import Codes, MatrixError
 from gateway.features.auth import authenticate_request
 from gateway.features.restricted_joins import RoomStateReader, decide_join
+from gateway.federation.keys import KeySource
+from gateway.federation.pdu_check import PduProblem, PduRejected, check_pdu
 from gateway.http import Request, Response, Router
-from gateway.matrix.events import check_content_hash, compute_event_id, redact
+from gateway.matrix.events import compute_event_id
 from gateway.matrix.identifiers import user_server_name
 from gateway.matrix.power_levels import can_invite
 from gateway.matrix.room_state import RoomState
 from gateway.matrix.room_versions import RoomVersion, UnknownRoomVersion, get_room_version
-from gateway.matrix.signing import SignatureError, sign_event, verify_json
+from gateway.matrix.signing import InvalidSignature, MissingSignature, sign_event
 from gateway.policy.api import JoinContext, JoinStage
 from gateway.store import Store
 
@@ -56,7 +58,6 @@ __all__ = [
     "JoinServices",
     "JoinStateReader",
     "MakeJoinRecord",
-    "VerifyKeySource",
     "complete_send_join_answer",
     "install",
     "join_services",
@@ -78,15 +79,6 @@ MAKE_JOIN_RECORD_LIFETIME_MS = 15 * 60 * 1000
 # --- verifying the join event -------------------------------------------------------------
 
 
-class VerifyKeySource(Protocol):
-    """``gateway.federation.Keyring``, as far as this module uses it. The answer has a
-    ``verify_key`` attribute."""
-
-    async def get_verify_key(
-        self, server_name: str, key_id: str, *, minimum_valid_until_ts: int
-    ) -> Any: ...
-
-
 async def verify_join_event(
     event: Any,
     *,
@@ -94,15 +86,17 @@ async def verify_join_event(
     event_id: str,
     origin: str,
     version: RoomVersion,
-    keys: VerifyKeySource,
+    keys: KeySource,
+    now_ms: int | None = None,
 ) -> dict[str, Any]:
     """Checks a join event sent to send_join; returns it. Raises :class:`MatrixError`.
 
-    Server-server "Validating hashes and signatures on received events": the joining
-    server's signature over the redacted event, with a key valid at ``origin_server_ts``
-    from v5; the content hash; and the send_join rules: the event ID is the path's, the
-    event is a join of its own sender, and the sender belongs to the origin.
+    The send_join rules: the event ID is the path's, the event is a join of its own sender,
+    and the sender belongs to the origin; then the checks on every received PDU
+    (:func:`gateway.federation.pdu_check.check_pdu`): canonical JSON, the content hash, the
+    joining server's signature with a key valid at ``origin_server_ts`` from v5.
     """
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     if not isinstance(event, dict):
         raise MatrixError(400, Codes.BAD_JSON, "The join event must be a JSON object")
     if event.get("room_id") != room_id:
@@ -124,36 +118,29 @@ async def verify_join_event(
         raise MatrixError(400, Codes.BAD_JSON, "Not a join event of its own sender")
     if user_server_name(sender) != origin:
         raise MatrixError(403, Codes.FORBIDDEN, "The joining user does not belong to the origin")
-    if not check_content_hash(event):
-        raise MatrixError(400, Codes.BAD_JSON, "The event's content hash does not match")
-
-    signatures = event.get("signatures")
-    by_origin = signatures.get(origin) if isinstance(signatures, dict) else None
-    if not isinstance(by_origin, dict):
-        raise MatrixError(403, Codes.FORBIDDEN, "The join is not signed by the joining server")
-    ts = event.get("origin_server_ts")
-    minimum = ts if version.enforce_key_validity and type(ts) is int else 0
-    redacted = redact(event, version)
-    verified = False
-    for key_id in by_origin:
-        if not isinstance(key_id, str) or not key_id.startswith("ed25519:"):
-            continue
-        try:
-            key = await keys.get_verify_key(origin, key_id, minimum_valid_until_ts=minimum)
-        except MatrixError:
-            continue
-        try:
-            verify_json(redacted, origin, key_id, key.verify_key)
-        except SignatureError:
-            raise MatrixError(
-                403, Codes.FORBIDDEN, "The joining server's signature does not verify"
-            ) from None
-        verified = True
-    if not verified:
-        raise MatrixError(
-            403, Codes.FORBIDDEN, "The join is not signed with a known key of the joining server"
-        )
+    try:
+        # Only the joining server's signature: the resident server's, when the join names
+        # an authorising user of ours, is added to the event after this check.
+        await check_pdu(event, version, keys, now_ms=now_ms, signers=[origin])
+    except PduRejected as e:
+        raise _join_refused(e) from None
     return event
+
+
+def _join_refused(rejected: PduRejected) -> MatrixError:
+    if rejected.problem is PduProblem.NOT_CANONICAL:
+        return MatrixError(
+            400, Codes.BAD_JSON, f"The join event is not canonical JSON: {rejected.detail}"
+        )
+    if rejected.problem is PduProblem.CONTENT_HASH:
+        return MatrixError(400, Codes.BAD_JSON, "The event's content hash does not match")
+    if isinstance(rejected.signature_error, MissingSignature):
+        return MatrixError(403, Codes.FORBIDDEN, "The join is not signed by the joining server")
+    if isinstance(rejected.signature_error, InvalidSignature):
+        return MatrixError(403, Codes.FORBIDDEN, "The joining server's signature does not verify")
+    return MatrixError(
+        403, Codes.FORBIDDEN, "The join is not signed with a known key of the joining server"
+    )
 
 
 def _is_signed_by(event: Mapping[str, Any], server_name: str, signing_key: SigningKey) -> bool:
@@ -228,13 +215,26 @@ class JoinServices:
     """What the join handlers need besides the request."""
 
     server_name: str
-    keys: VerifyKeySource
+    keys: KeySource
     store: Store
     #: The homeserver's signing key (a copy): signs joins the homeserver did not.
     signing_key: SigningKey
     state: JoinStateReader
     clock_ms: Callable[[], int] = lambda: int(time.time() * 1000)
     record_lifetime_ms: int = MAKE_JOIN_RECORD_LIFETIME_MS
+
+    async def authenticate(
+        self, request: Request, content: Any | None, now_ms: int | None = None
+    ) -> str:
+        """The origin of a request signed with X-Matrix for our server (401 otherwise)."""
+        auth = await authenticate_request(
+            request,
+            content,
+            keys=self.keys,
+            destination=self.server_name,
+            now_ms=self.clock_ms() if now_ms is None else now_ms,
+        )
+        return auth.origin
 
 
 def join_services(services: Services) -> JoinServices:
@@ -292,22 +292,6 @@ async def _ask_policy(
         raise outcome.error()
 
 
-# --- authentication -----------------------------------------------------------------------
-
-
-async def authenticate_origin(
-    request: Request, keys: VerifyKeySource, server_name: str, content: Any | None, now_ms: int
-) -> str:
-    """The origin of a request signed with X-Matrix for our server (401 otherwise)."""
-
-    async def lookup(origin: str, key_id: str, minimum: int) -> VerifyKey:
-        found = await keys.get_verify_key(origin, key_id, minimum_valid_until_ts=now_ms)
-        return cast(VerifyKey, found.verify_key)
-
-    auth = await authenticate_request(request, content, destination=server_name, keys=lookup)
-    return auth.origin
-
-
 # --- make_join ----------------------------------------------------------------------------
 
 
@@ -352,7 +336,7 @@ async def on_make_join(request: Request) -> Response:
     deps = join_services(request.services)
     room_id = request.path_params["roomId"]
     user_id = request.path_params["userId"]
-    origin = await authenticate_origin(request, deps.keys, deps.server_name, None, deps.clock_ms())
+    origin = await deps.authenticate(request, None)
     if user_server_name(user_id) != origin:
         raise MatrixError(403, Codes.FORBIDDEN, "The user does not belong to the origin")
     if request.services.policy is not None:
@@ -425,7 +409,7 @@ async def _send_join(request: Request, *, v1: bool) -> Response:
     event_id = request.path_params["eventId"]
     event = await request.json()
     now = deps.clock_ms()
-    origin = await authenticate_origin(request, deps.keys, deps.server_name, event, now)
+    origin = await deps.authenticate(request, event, now)
 
     sender = event.get("sender") if isinstance(event, dict) else None
     record: MakeJoinRecord | None = None
@@ -453,7 +437,13 @@ async def _send_join(request: Request, *, v1: bool) -> Response:
             400, Codes.UNSUPPORTED_ROOM_VERSION, f"Unknown room version {room_version!r}"
         ) from None
     event = await verify_join_event(
-        event, room_id=room_id, event_id=event_id, origin=origin, version=version, keys=deps.keys
+        event,
+        room_id=room_id,
+        event_id=event_id,
+        origin=origin,
+        version=version,
+        keys=deps.keys,
+        now_ms=now,
     )
 
     authoriser = event["content"].get(AUTHORISING_USER)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import Codes, MatrixError
-from gateway.features.joins import JoinServices, authenticate_origin, join_services
+from gateway.features.joins import JoinServices, join_services
 from gateway.http import Request, Response, Router
 from gateway.matrix.identifiers import user_server_name
 from gateway.policy.api import KnockContext, KnockStage
@@ -105,7 +105,7 @@ async def on_make_knock(request: Request) -> Response:
     deps = join_services(request.services)
     room_id = request.path_params["roomId"]
     user_id = request.path_params["userId"]
-    origin = await authenticate_origin(request, deps.keys, deps.server_name, None, deps.clock_ms())
+    origin = await deps.authenticate(request, None)
     if user_server_name(user_id) != origin:
         raise MatrixError(403, Codes.FORBIDDEN, "The user does not belong to the origin")
     await _ask_policy(request, deps, "make_knock", origin=origin, user_id=user_id, room_id=room_id)
@@ -117,7 +117,7 @@ async def on_send_knock(request: Request) -> Response:
     deps = join_services(request.services)
     room_id = request.path_params["roomId"]
     event = await request.json()
-    origin = await authenticate_origin(request, deps.keys, deps.server_name, event, deps.clock_ms())
+    origin = await deps.authenticate(request, event)
     sender = check_knock_event(event, room_id=room_id, origin=origin)
     await _ask_policy(request, deps, "send_knock", origin=origin, user_id=sender, room_id=room_id)
     return await request.forward()

@@ -18,13 +18,15 @@ from __future__ import annotations
 import email.utils
 import ipaddress
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
 import structlog
+
+from gateway.matrix.identifiers import HostKind, InvalidIdentifier
+from gateway.matrix.identifiers import parse_server_name as parse_matrix_server_name
 
 from ._http import OutboundHttp
 from .errors import DiscoveryError, FederationError
@@ -42,43 +44,19 @@ WELL_KNOWN_MAX_ERROR_CACHE_MS = 3600 * 1000
 WELL_KNOWN_MAX_SIZE = 50 * 1024
 WELL_KNOWN_MAX_REDIRECTS = 5
 
-# The appendix's server-name grammar: an IPv4 address, a bracketed IPv6 address or a DNS
-# name of at most 255 characters, then an optional port of at most 5 digits.
-_DNS_NAME = re.compile(r"[A-Za-z0-9.-]{1,255}")
-
 
 def parse_server_name(server_name: str) -> tuple[str, int | None]:
-    """Split ``host[:port]`` into host (IPv6 without brackets) and port.
+    """Split ``host[:port]`` into host (IPv6 without brackets) and port, by the appendix's
+    grammar (:func:`gateway.matrix.identifiers.parse_server_name`).
 
     Raises :class:`DiscoveryError` if it is not a valid server name.
     """
-    host, port_text = server_name, None
-    if server_name.startswith("["):
-        end = server_name.find("]")
-        if end < 0:
-            raise DiscoveryError(f"invalid server name {server_name!r}")
-        host, rest = server_name[1:end], server_name[end + 1 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise DiscoveryError(f"invalid IPv6 literal in {server_name!r}") from None
-        if rest:
-            if not rest.startswith(":"):
-                raise DiscoveryError(f"invalid server name {server_name!r}")
-            port_text = rest[1:]
-    else:
-        if ":" in server_name:
-            host, port_text = server_name.rsplit(":", 1)
-        if not _DNS_NAME.fullmatch(host):
-            raise DiscoveryError(f"invalid server name {server_name!r}")
-    port: int | None = None
-    if port_text is not None:
-        if not (port_text.isascii() and port_text.isdigit() and 1 <= len(port_text) <= 5):
-            raise DiscoveryError(f"invalid port in server name {server_name!r}")
-        port = int(port_text)
-        if not 0 < port < 65536:
-            raise DiscoveryError(f"port out of range in server name {server_name!r}")
-    return host, port
+    try:
+        parsed = parse_matrix_server_name(server_name)
+    except InvalidIdentifier as e:
+        raise DiscoveryError(f"invalid server name {server_name!r}: {e.reason}") from None
+    host = parsed.host[1:-1] if parsed.kind is HostKind.IPV6 else parsed.host
+    return host, parsed.port
 
 
 def _is_ip_literal(host: str) -> bool:

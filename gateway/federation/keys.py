@@ -14,17 +14,17 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import canonicaljson
 import signedjson.key
-import signedjson.sign
 import structlog
 import trio
-from signedjson.types import VerifyKey
+from nacl.signing import VerifyKey
 from unpaddedbase64 import decode_base64
 
 from gateway.errors import Codes, MatrixError
+from gateway.matrix.signing import SignatureError, verify_json
 from gateway.store import ServerKeyRecord, Store
 
 from .client import FederationClient
@@ -63,6 +63,19 @@ class TrustedKeyServer:
         return cls(str(entry["server_name"]), dict(entry.get("verify_keys") or {}))
 
 
+class KeySource(Protocol):
+    """Where other servers' verify keys come from: the :class:`Keyring`, or anything that
+    answers the same way (the notary's "only our homeserver" source, a test's stand-in).
+
+    Raises :class:`MatrixError` (the keyring: :class:`KeyUnavailableError`, 401) when it has
+    no such key usable for signatures made at ``minimum_valid_until_ts``.
+    """
+
+    async def get_verify_key(
+        self, server_name: str, key_id: str, *, minimum_valid_until_ts: int
+    ) -> VerifyKeyWithExpiry: ...
+
+
 #: A server's keys are fetched again for an unknown key id at most this often (per worker).
 MIN_REFETCH_INTERVAL_MS = 5_000
 
@@ -83,7 +96,10 @@ def decode_verify_key(key_id: str, key_base64: str) -> VerifyKey:
     if not key_id.startswith("ed25519:"):
         raise KeyFetchError(f"unsupported key algorithm in {key_id!r}")
     try:
-        return signedjson.key.decode_verify_key_bytes(key_id, decode_base64(key_base64))
+        # signedjson's keys are nacl keys that also carry ``alg`` and ``version``.
+        return cast(
+            VerifyKey, signedjson.key.decode_verify_key_bytes(key_id, decode_base64(key_base64))
+        )
     except Exception as e:
         raise KeyFetchError(f"malformed key {key_id}: {e}") from None
 
@@ -97,8 +113,8 @@ def _signed_by(obj: dict[str, Any], signer: str, keys: Mapping[str, VerifyKey]) 
         raise KeyFetchError(f"key response is not signed by {signer} with a known key")
     for key_id in key_ids:
         try:
-            signedjson.sign.verify_signed_json(obj, signer, keys[key_id])
-        except Exception as e:
+            verify_json(obj, signer, key_id, keys[key_id])
+        except (SignatureError, ValueError) as e:  # ValueError: no canonical form
             raise KeyFetchError(f"bad signature by {signer} ({key_id}): {e}") from None
 
 

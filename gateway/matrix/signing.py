@@ -15,7 +15,7 @@ Error hierarchy::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from gateway.matrix.events import (
     check_content_hash,
     redact,
 )
+from gateway.matrix.identifiers import server_name_of
 from gateway.matrix.room_versions import EventIdFormat, RoomVersion, get_room_version
 from gateway.matrix.unpadded_base64 import decode_base64, encode_base64
 
@@ -191,12 +192,13 @@ def sign_event(
 
 
 def _domain_of(identifier: object, field: str) -> str:
-    if not isinstance(identifier, str) or ":" not in identifier:
+    server_name = server_name_of(identifier)
+    if server_name is None:
         raise MissingSignature(
-            f"cannot tell which server must sign: {field} {identifier!r} has no domain",
+            f"cannot tell which server must sign: {field} {identifier!r} has no server name",
             server_name="",
         )
-    return identifier.split(":", 1)[1]
+    return server_name
 
 
 def required_signers(event: Mapping[str, Any], room_version: str | RoomVersion) -> list[str]:
@@ -296,8 +298,10 @@ def verify_event_signatures(
     keys: Keys,
     *,
     now_ms: int | None = None,
+    signers: Sequence[str] | None = None,
 ) -> tuple[str, ...]:
-    """Checks the signatures every required server made over the redacted event.
+    """Checks the signatures every required server (or each of ``signers``, when given)
+    made over the redacted event.
 
     From room v5 (``enforce_key_validity``) a key counts only if its ``valid_until_ts``
     (capped at ``now_ms`` + 7 days when ``now_ms`` is given) is at least the event's
@@ -312,7 +316,8 @@ def verify_event_signatures(
     if version.enforce_key_validity:
         ts = event.get("origin_server_ts")
         minimum = ts if isinstance(ts, int) and not isinstance(ts, bool) else 0
-    signers = required_signers(event, version)
+    if signers is None:
+        signers = required_signers(event, version)
     for server_name in signers:
         _verify_server(message, redacted, server_name, keys, minimum, now_ms)
     return tuple(signers)

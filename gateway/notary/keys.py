@@ -24,12 +24,14 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import signedjson.key
-import signedjson.sign
+from nacl.signing import SigningKey as Ed25519SigningKey
 from signedjson.types import SigningKey
 from unpaddedbase64 import encode_base64
+
+from gateway.matrix.signing import sign_json
 
 #: Key ids of delegation keys start with this version prefix (``ed25519:mxgw_<id>``).
 DELEGATION_KEY_PREFIX = "ed25519:mxgw_"
@@ -86,8 +88,7 @@ class NotaryKey:
         )
 
     def sign(self, obj: dict[str, Any]) -> dict[str, Any]:
-        signed: dict[str, Any] = signedjson.sign.sign_json(obj, self.server_name, self.signing_key)
-        return signed
+        return sign_json(obj, self.server_name, cast(Ed25519SigningKey, self.signing_key))
 
     @classmethod
     def load_or_create(cls, path: Path, server_name: str) -> NotaryKey:
@@ -177,5 +178,5 @@ def delegation_server_keys(key: DelegationKey, notary: NotaryKey) -> dict[str, A
         "verify_keys": {key.key_id: {"key": key.verify_key_base64}},
         "old_verify_keys": {},
     }
-    obj = signedjson.sign.sign_json(obj, key.origin, key.signing_key)
+    obj = sign_json(obj, key.origin, cast(Ed25519SigningKey, key.signing_key))
     return notary.sign(obj)

@@ -9,34 +9,38 @@ from __future__ import annotations
 
 from typing import cast
 
-from nacl.signing import SigningKey, VerifyKey
-from signedjson.key import get_verify_key
+from nacl.signing import SigningKey
 
 from gateway.errors import Codes, MatrixError
-from gateway.features.auth import KeySource, authenticate_request
+from gateway.features.auth import authenticate_request
+from gateway.federation.keys import VerifyKeyWithExpiry
 from gateway.http import Request, Response, Router
 from gateway.matrix.signing import key_id_of
 from gateway.notary.service import Notary, parse_query_body
 from gateway.services import Services
 
+#: The homeserver's own key does not expire for the notary: it holds a copy of it.
+_NEVER_MS = 2**53 - 1
 
-def _homeserver_key_source(services: Services) -> KeySource:
-    signing_key = services.homeserver_signing_key
-    assert signing_key is not None
-    our_key_id = key_id_of(cast(SigningKey, signing_key))
-    verify_key = cast(VerifyKey, get_verify_key(signing_key))
-    our_name = services.config.server.server_name
 
-    async def lookup(origin: str, key_id: str, minimum: int) -> VerifyKey:
-        if origin != our_name:
+class HomeserverKeySource:
+    """The keys the notary accepts requests with: the homeserver's own, and nobody else's
+    (a :class:`~gateway.federation.keys.KeySource`)."""
+
+    def __init__(self, server_name: str, signing_key: SigningKey) -> None:
+        self._server_name = server_name
+        self._key = VerifyKeyWithExpiry(key_id_of(signing_key), signing_key.verify_key, _NEVER_MS)
+
+    async def get_verify_key(
+        self, server_name: str, key_id: str, *, minimum_valid_until_ts: int
+    ) -> VerifyKeyWithExpiry:
+        if server_name != self._server_name:
             raise MatrixError(
                 401, Codes.UNAUTHORIZED, "this notary answers only its own homeserver"
             )
-        if key_id != our_key_id:
-            raise MatrixError(401, Codes.UNAUTHORIZED, f"unknown key {key_id} of {origin}")
-        return verify_key
-
-    return lookup
+        if key_id != self._key.key_id:
+            raise MatrixError(401, Codes.UNAUTHORIZED, f"unknown key {key_id} of {server_name}")
+        return self._key
 
 
 def _notary(request: Request) -> Notary:
@@ -48,11 +52,15 @@ def _notary(request: Request) -> Notary:
 
 async def _authenticate(request: Request, content: object | None) -> None:
     notary = _notary(request)
+    signing_key = request.services.homeserver_signing_key
+    assert signing_key is not None
     await authenticate_request(
         request,
         content,
         destination=notary.key.server_name,
-        keys=_homeserver_key_source(request.services),
+        keys=HomeserverKeySource(
+            request.services.config.server.server_name, cast(SigningKey, signing_key)
+        ),
     )
 
 

@@ -21,7 +21,6 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
 
@@ -35,6 +34,7 @@ from signedjson.sign import verify_signed_json
 from gateway.app import PUBLIC_ROUTES, Listening, RouteInstaller, serve
 from gateway.config import BindAddress, load_config, parse_config
 from gateway.errors import MatrixError
+from gateway.federation.keys import VerifyKeyWithExpiry
 from gateway.http import Router
 from gateway.services import Services
 from tests.support.remote_server import x_matrix_authorization
@@ -157,9 +157,11 @@ class OneKeyKeyring:
 
     async def get_verify_key(
         self, server_name: str, key_id: str, *, minimum_valid_until_ts: int
-    ) -> Any:
+    ) -> VerifyKeyWithExpiry:
         if (server_name, key_id) == (self.server_name, f"ed25519:{self.signing_key.version}"):
-            return SimpleNamespace(verify_key=signedjson.key.get_verify_key(self.signing_key))
+            return VerifyKeyWithExpiry(
+                key_id, signedjson.key.get_verify_key(self.signing_key), 4_000_000_000_000
+            )
         raise MatrixError(401, "M_UNAUTHORIZED", "unknown key")
 
 
