@@ -24,7 +24,8 @@ What the receiving server must check, in the order done here:
 ``invite_room_state`` is never trusted: its ``m.room.create`` is replaced by the verified
 one, and state events verified from ``state`` replace their stripped versions.
 
-v1 and v2 invites keep passing through unchanged; they are counted (v1 is deprecated).
+v1 and v2 invites keep passing through unchanged once their JSON has the shape of an invite;
+they are counted (v1 is deprecated).
 """
 
 from __future__ import annotations
@@ -504,6 +505,11 @@ def _legacy_invite(endpoint: str) -> Any:
         services = request.services
         services.metrics.legacy_invites.labels(version=endpoint).inc()
         if services.policy is None:
+            # Without policies the homeserver checks the rest, but the shape first: Synapse
+            # answered 500 to invites without a room version or event, and to JSON it
+            # could not encode again (escaped lone surrogates).
+            if _legacy_invite_parts(await request.json(), endpoint) is None:
+                raise _bad_json("the invite must carry an event with a sender and a state_key")
             return await request.forward()
         body = await request.json()
         auth = await authenticate_request(request, body, keys=services.require_keyring())

@@ -120,13 +120,14 @@ _decoder = json.JSONDecoder(
 )
 
 
-def parse_json(data: bytes | str, *, strict: bool = False) -> Any:
+def parse_json(data: bytes | str, *, strict: bool = False, max_depth: int | None = None) -> Any:
     """Parses a request or event body.
 
     Always rejects what is not JSON (NaN, Infinity, trailing data, invalid UTF-8, lone
     surrogates) and duplicate object keys (RFC 8259 says names SHOULD be unique; two
     parsers disagreeing on which one wins is a classic smuggling vector). With
-    ``strict=True`` the result must also satisfy strict canonical JSON (room v6+).
+    ``strict=True`` the result must also satisfy strict canonical JSON (room v6+). With
+    ``max_depth``, objects and arrays may nest that deep at most.
     Raises `InvalidJson`, whose message names the offending path for strict failures.
     """
     if isinstance(data, bytes | bytearray | memoryview):
@@ -150,7 +151,20 @@ def parse_json(data: bytes | str, *, strict: bool = False) -> Any:
     elif _SURROGATE.search(text) or "\\ud" in text.lower():
         # Cheap pre-filter first; the walk only runs when an escape might be a surrogate.
         _check_no_surrogates(value)
+    if max_depth is not None and text.count("[") + text.count("{") > max_depth:
+        _check_depth(value, max_depth)
     return value
+
+
+def _check_depth(value: object, max_depth: int) -> None:
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > max_depth:
+                raise InvalidJson(f"JSON nested deeper than {max_depth} levels")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
 
 
 def _check_no_surrogates(value: object) -> None:

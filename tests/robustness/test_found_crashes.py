@@ -150,3 +150,50 @@ async def test_an_error_quoting_what_the_peer_sent_stays_short(
         assert answer.json()["errcode"] == "M_INCOMPATIBLE_ROOM_VERSION"
         assert len(answer.content) < 1024
     assert all(len(repr(e)) < 2048 for e in watch.events)
+
+
+# --- seed 20261204 against Synapse: owned routes passed on what made Synapse fail --------
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+async def test_owned_routes_keep_what_made_synapse_fail_from_it(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Synapse answered 500 to v1/v2 invites without a room version or an event, to bodies
+    with escaped lone surrogates (it cannot encode them again to check the signature), and
+    to signed bodies nested about 950 levels deep (out of stack). The gateway owns these
+    routes and now refuses all of them itself; the homeserver sees none."""
+    samples = make_samples(REMOTE, REMOTE_KEY, LOCAL_USER, REMOTE_USER)
+    event = samples.v3_invite["event"]
+    v2_uri = f"/_matrix/federation/v2/invite/{q(samples.room_id)}/{q(samples.invite_event_id)}"
+    v1_uri = v2_uri.replace("/v2/", "/v1/")
+    knock_uri = (
+        f"/_matrix/federation/v1/send_knock/{q(samples.room_id)}/{q(samples.knock_event_id)}"
+    )
+    deep_knock = {**samples.knock_event, "content": {**samples.knock_event["content"]}}
+    deep_knock["content"]["x"] = _nested(300)
+    async with gateway_for_hostile_traffic(nursery, tmp_path, policies=[]) as gateway:
+        async with httpx.AsyncClient(base_url=gateway.listening.public_url) as client:
+            seen_before = gateway.homeserver.requests
+            answers = [
+                await signed_request(client, "PUT", v2_uri, {"event": event}),
+                await signed_request(client, "PUT", v2_uri, {"room_version": "11"}),
+                await signed_request(
+                    client, "PUT", v2_uri, body=b'{"room_version":"11","event":{"x":"\\ud800"}}'
+                ),
+                await signed_request(client, "PUT", v1_uri, {"content": {}}),
+                await signed_request(
+                    client, "PUT", v2_uri, {"room_version": "11", "event": event, "x": _nested(300)}
+                ),
+                await signed_request(client, "PUT", knock_uri, deep_knock),
+            ]
+            seen_after = gateway.homeserver.requests
+    assert [a.status_code for a in answers] == [400] * len(answers), [a.text for a in answers]
+    assert {a.json()["errcode"] for a in answers} <= {"M_BAD_JSON", "M_NOT_JSON"}
+    assert seen_after == seen_before
