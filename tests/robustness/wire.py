@@ -22,7 +22,7 @@ import errno
 import json
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -387,8 +387,9 @@ async def send_all(
     return figures
 
 
-def summary_lines(figures: Figures, examples: Sequence[tuple[str, str, bytes]] = ()) -> str:
+def summary_lines(figures: Figures, *, examples: bool = True) -> str:
+    """The report, then (with ``examples``) a few requests of each failure and 5xx."""
     lines = [figures.report()]
-    for kind, what, data in examples or figures.examples:
+    for kind, what, data in figures.examples if examples else ():
         lines.append(f"  e.g. {kind} {what}: {data!r}")
     return "\n".join(lines)
