@@ -22,8 +22,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.demo import StackProcesses, prepare_stack
-from gateway.homeserver.synapse import free_port, register_user
+from gateway.demo.stack import StackProcesses, prepare_stack
+from gateway.demo.synapse import free_port, register_user
 from tests.support.pdus import event_id_of, make_remote_room
 from tests.support.remote_server import RemoteServer
 

@@ -51,8 +51,8 @@ from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.demo import Stack, StackProcesses, gateway_process, prepare_stack, to_toml
-from gateway.homeserver.synapse import ServiceProcess, free_port
+from gateway.demo.stack import Stack, StackProcesses, gateway_process, prepare_stack, to_toml
+from gateway.demo.synapse import ServiceProcess, free_port
 from tests.support.nginx import nginx_service
 
 PATH = "/_matrix/federation/v1/version"

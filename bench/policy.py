@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gateway.demo import StackProcesses, prepare_stack, to_toml  # noqa: E402
-from gateway.homeserver.synapse import free_port, register_user  # noqa: E402
+from gateway.demo.stack import StackProcesses, prepare_stack, to_toml  # noqa: E402
+from gateway.demo.synapse import free_port, register_user  # noqa: E402
 from gateway.policy import PolicyEngine, parse_policy_config  # noqa: E402
 from gateway.policy.api import InviteContext  # noqa: E402
 from gateway.store import open_store  # noqa: E402

@@ -151,7 +151,7 @@ async def _check_homeserver(config: GatewayConfig) -> int:
     if status != EXIT_OK:
         return status
     if config.server.signing_key_path is not None:
-        from gateway.notary.probe import check_homeserver_uses_notary
+        from gateway.commands.check import check_homeserver_uses_notary
 
         result = await check_homeserver_uses_notary(config)
         if not result.ok:
@@ -161,7 +161,7 @@ async def _check_homeserver(config: GatewayConfig) -> int:
             print(f"notary: {note}")
         print(f"notary: ok ({result.detail})")
     if config.outbound.enabled:
-        from gateway.notary.probe import check_outbound_routing
+        from gateway.commands.check import check_outbound_routing
 
         outbound = await check_outbound_routing(config)
         if not outbound.ok:
@@ -267,14 +267,14 @@ def _policy(args: argparse.Namespace) -> int:
 
 
 def _proxy_config_arguments(parser: argparse.ArgumentParser) -> None:
-    from gateway.proxy_config import add_arguments
+    from gateway.commands.proxy_config import add_arguments
 
     _config_argument(parser)
     add_arguments(parser)
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    # Defaults stay None: gateway.demo parses the forwarded arguments and owns the defaults.
+    # Defaults stay None: gateway.demo.stack parses the forwarded arguments and owns the defaults.
     parser.add_argument(
         "--data-dir",
         type=Path,
@@ -308,7 +308,7 @@ def _demo(args: argparse.Namespace) -> int:
         argv += ["--config", str(args.config)]
     if args.tls:
         argv.append("--tls")
-    return int(importlib.import_module("gateway.demo").main(argv) or 0)
+    return int(importlib.import_module("gateway.demo.stack").main(argv) or 0)
 
 
 COMMANDS: list[Command] = [
@@ -334,8 +334,8 @@ COMMANDS: list[Command] = [
     Command(
         "demo-peer",
         "act as a remote server towards the running demo: a v3 invite, a restricted join, a knock",
-        lambda parser: importlib.import_module("gateway.demo_peer").add_arguments(parser),
-        lazy("gateway.demo_peer"),
+        lambda parser: importlib.import_module("gateway.demo.peer").add_arguments(parser),
+        lazy("gateway.demo.peer"),
     ),
     Command(
         "decisions",
@@ -348,13 +348,13 @@ COMMANDS: list[Command] = [
         "synapse-config",
         "print the homeserver.yaml settings that make Synapse use the gateway's notary",
         _config_argument,
-        lazy("gateway.notary.synapse_config"),
+        lazy("gateway.commands.synapse_config"),
     ),
     Command(
         "proxy-config",
         "print the routing for a reverse proxy in front of the gateway and the homeserver",
         _proxy_config_arguments,
-        lazy("gateway.proxy_config"),
+        lazy("gateway.commands.proxy_config"),
     ),
 ]
 

@@ -25,9 +25,9 @@ from signedjson.key import generate_signing_key
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 from synapse.crypto.event_signing import compute_event_signature
 
-from gateway.demo import Stack, StackProcesses, prepare_stack
-from gateway.homeserver.synapse import RegisteredUser, free_port
-from gateway.homeserver.synapse import register_user as register
+from gateway.demo.stack import Stack, StackProcesses, prepare_stack
+from gateway.demo.synapse import RegisteredUser, free_port
+from gateway.demo.synapse import register_user as register
 from gateway.notary.keys import DelegationKeys, load_or_create_secret
 from tests.integration.test_v3_invites import invite_in_sync
 from tests.support.client_api import invites_now

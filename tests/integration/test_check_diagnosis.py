@@ -22,8 +22,8 @@ import httpx
 import pytest
 from signedjson.key import generate_signing_key, read_signing_keys, write_signing_keys
 
-from gateway.demo import Stack, gateway_process, prepare_stack, to_toml
-from gateway.homeserver.synapse import free_port, synapse_process
+from gateway.demo.stack import Stack, gateway_process, prepare_stack, to_toml
+from gateway.demo.synapse import free_port, synapse_process
 from gateway.matrix.signing import key_id_of
 from gateway.matrix.xmatrix import sign_request
 

@@ -26,8 +26,8 @@ import httpx
 import pytest
 import yaml
 
-from gateway.demo import Stack, StackProcesses, prepare_stack
-from gateway.homeserver.synapse import RegisteredUser, free_port, register_user
+from gateway.demo.stack import Stack, StackProcesses, prepare_stack
+from gateway.demo.synapse import RegisteredUser, free_port, register_user
 from tests.support.client_api import create_room
 
 TIMEOUT = httpx.Timeout(30.0)

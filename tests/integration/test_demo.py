@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from gateway.config import parse_config
-from gateway.demo import gateway_config, to_toml
-from gateway.homeserver.synapse import free_port, register_user
+from gateway.demo.stack import gateway_config, to_toml
+from gateway.demo.synapse import free_port, register_user
 
 
 def _alive(pid: int) -> bool:

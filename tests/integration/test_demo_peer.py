@@ -22,7 +22,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from gateway.homeserver.synapse import free_port
+from gateway.demo.synapse import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -26,9 +26,9 @@ from urllib.parse import quote, urlsplit
 import httpx
 import pytest
 
-from gateway.demo import Stack, StackProcesses, prepare_stack, to_toml
-from gateway.homeserver.synapse import RegisteredUser, ServiceProcess, free_port
-from gateway.homeserver.synapse import register_user as register
+from gateway.demo.stack import Stack, StackProcesses, prepare_stack, to_toml
+from gateway.demo.synapse import RegisteredUser, ServiceProcess, free_port
+from gateway.demo.synapse import register_user as register
 from tests.conformance.test_v3_invites import delegation_key_ids
 from tests.integration.test_restricted_joins import (
     AUTHORISING_USER,

@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.demo import Stack
+from gateway.demo.stack import Stack
+from gateway.demo.synapse import RegisteredUser
 from gateway.errors import MatrixError
 from gateway.features import knocks
-from gateway.homeserver.synapse import RegisteredUser
 from gateway.http import Router
 from gateway.policy.api import KnockContext
 from gateway.services import Services

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.demo import Stack, to_toml
+from gateway.demo.stack import Stack, to_toml
 
 pytestmark = [pytest.mark.integration, pytest.mark.both_stores]
 

@@ -23,8 +23,8 @@ import pytest
 from signedjson.key import decode_signing_key_base64, get_verify_key
 from signedjson.sign import verify_signed_json
 
-from gateway.demo import Stack, prepare_stack, to_toml
-from gateway.homeserver.synapse import RegisteredUser, free_port, synapse_process
+from gateway.demo.stack import Stack, prepare_stack, to_toml
+from gateway.demo.synapse import RegisteredUser, free_port, synapse_process
 from gateway.matrix.events import check_content_hash, redact
 from gateway.matrix.signing import sign_event
 from gateway.matrix.xmatrix import parse_x_matrix, verify_request

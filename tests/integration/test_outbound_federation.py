@@ -22,8 +22,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from gateway.demo import Stack, StackProcesses, prepare_stack
-from gateway.homeserver.synapse import (
+from gateway.demo.stack import Stack, StackProcesses, prepare_stack
+from gateway.demo.synapse import (
     RegisteredUser,
     ServiceProcess,
     SynapseConfig,

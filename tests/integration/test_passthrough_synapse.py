@@ -10,8 +10,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from gateway.demo import Stack
-from gateway.homeserver.synapse import RegisteredUser
+from gateway.demo.stack import Stack
+from gateway.demo.synapse import RegisteredUser
 from tests.support.remote_server import RemoteServer
 
 pytestmark = pytest.mark.integration

@@ -33,9 +33,9 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from gateway.demo import Stack, StackProcesses, prepare_stack
-from gateway.homeserver.synapse import RegisteredUser, free_port
-from gateway.homeserver.synapse import register_user as register
+from gateway.demo.stack import Stack, StackProcesses, prepare_stack
+from gateway.demo.synapse import RegisteredUser, free_port
+from gateway.demo.synapse import register_user as register
 from tests.integration.test_v3_invites import (
     invite_in_sync,
     our_signature_verifies,

@@ -23,13 +23,13 @@ from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 from synapse.events import make_event_from_dict
 from synapse.events.utils import prune_event
 
-from gateway.demo import Stack
+from gateway.demo.stack import Stack
+from gateway.demo.synapse import RegisteredUser
 from gateway.errors import MatrixError
 from gateway.features import joins
 from gateway.features.joins import AUTHORISING_USER
 from gateway.features.restricted_joins import decide_join
 from gateway.homeserver.state import HomeserverStateReader
-from gateway.homeserver.synapse import RegisteredUser
 from tests.support import client_api
 from tests.support.inprocess_gateway import gateway_thread, q
 from tests.support.pdus import event_id_of, sign_pdu

@@ -15,7 +15,7 @@ import pytest
 from signedjson.key import decode_signing_key_base64, get_verify_key
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 
-from gateway.demo import Stack
+from gateway.demo.stack import Stack
 from gateway.matrix.events import redact
 from tests.support.pdus import RemoteRoom, make_remote_room
 from tests.support.remote_server import RemoteServer

@@ -1,6 +1,6 @@
 """Faults around the gateway, each against a real Synapse behind it.
 
-One stack of this module's own (``gateway.demo.prepare_stack`` and ``StackProcesses``), so
+One stack of this module's own (``gateway.demo.stack.prepare_stack`` and ``StackProcesses``), so
 killing its Synapse breaks no other test. Its gateway keeps its state in PostgreSQL (a fresh
 database on the machine's server), runs the tests' localpart policy (``deny-*`` denied,
 ``slow-*`` hangs past the hook's timeout, ``boom-*`` raises; on_error closed) and a lenient
@@ -41,10 +41,10 @@ import httpx
 import psycopg
 import pytest
 
-from gateway.demo import Stack, StackProcesses, prepare_stack
+from gateway.demo.stack import Stack, StackProcesses, prepare_stack
+from gateway.demo.synapse import RegisteredUser, free_port, synapse_process
+from gateway.demo.synapse import register_user as register
 from gateway.features import invites
-from gateway.homeserver.synapse import RegisteredUser, free_port, synapse_process
-from gateway.homeserver.synapse import register_user as register
 from tests.integration.test_v3_invites import send_v3_invite, v3_invite_body
 from tests.robustness.harness import watching_logs
 from tests.support import policies_for_tests

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from gateway.config import load_config
-from gateway.demo import Stack
+from gateway.demo.stack import Stack
 from tests.integration.test_v3_invites import invite_in_sync, send_v3_invite, v3_invite_body
 from tests.robustness.harness import make_samples, owned_routes
 from tests.robustness.hostile import CLASSES, Target, generate

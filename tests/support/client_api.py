@@ -6,8 +6,8 @@ from typing import Any
 
 import httpx
 
-from gateway.demo import Stack
-from gateway.homeserver.synapse import RegisteredUser
+from gateway.demo.stack import Stack
+from gateway.demo.synapse import RegisteredUser
 
 TIMEOUT = httpx.Timeout(30.0)
 

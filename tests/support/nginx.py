@@ -14,7 +14,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
-from gateway.homeserver.synapse import ServiceProcess
+from gateway.demo.synapse import ServiceProcess
 
 __all__ = ["NGINX_MISSING", "access_log_lines", "nginx_binary", "nginx_service"]
 

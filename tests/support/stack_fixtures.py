@@ -7,9 +7,9 @@ skipped.
 
 Fixtures (all session-scoped unless noted):
 
-- ``stack_processes``: ``gateway.demo.StackProcesses``, the running Synapse and gateway
+- ``stack_processes``: ``gateway.demo.stack.StackProcesses``, the running Synapse and gateway
   (``.stack``, ``.synapse``, ``.gateway`` with ``.logs()``).
-- ``stack``: ``gateway.demo.Stack``: ``server_name``, ``gateway_url``, ``internal_url``,
+- ``stack``: ``gateway.demo.stack.Stack``: ``server_name``, ``gateway_url``, ``internal_url``,
   ``homeserver_url``, ``registration_shared_secret``, ``gateway_config_path``, ``synapse``
   (``SynapseConfig``: ``config_path``, ``signing_key_path``, ``log_path``).
 - ``server_name``, ``gateway_url``, ``homeserver_url``: the strings above.
@@ -40,9 +40,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from gateway.demo import Stack, StackProcesses, prepare_stack
-from gateway.homeserver.synapse import RegisteredUser, free_port
-from gateway.homeserver.synapse import register_user as register
+from gateway.demo.stack import Stack, StackProcesses, prepare_stack
+from gateway.demo.synapse import RegisteredUser, free_port
+from gateway.demo.synapse import register_user as register
 from tests.support.remote_server import RemoteServer
 
 # Every request a test makes has a bound; Synapse on a busy 2-core machine can be slow.

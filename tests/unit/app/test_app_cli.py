@@ -176,11 +176,11 @@ async def test_run_refuses_an_invalid_config(tmp_path: Path) -> None:
 
 
 def test_demo_forwards_only_the_given_arguments(monkeypatch: Any) -> None:
-    import gateway.demo
+    import gateway.demo.stack
     from gateway.cli import main
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(gateway.demo, "main", lambda argv: calls.append(list(argv)) or 0)
+    monkeypatch.setattr(gateway.demo.stack, "main", lambda argv: calls.append(list(argv)) or 0)
     assert main(["demo"]) == 0
     assert main(["demo", "--data-dir", "d", "--port", "9000", "--config", "c.toml"]) == 0
     assert calls == [[], ["--data-dir", "d", "--port", "9000", "--config", "c.toml"]]

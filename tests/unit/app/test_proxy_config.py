@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.app import KEY_QUERY_PREFIX, PASSTHROUGH_PREFIXES, public_route_table, route_path
+from gateway.commands.proxy_config import PROXIES, is_ambiguous, owned_prefixes, render, route_plan
 from gateway.config import load_config
 from gateway.http import Request, Response, Router
-from gateway.proxy_config import PROXIES, is_ambiguous, owned_prefixes, render, route_plan
 from gateway.services import Services
 
 CONFIG = """\

@@ -9,7 +9,7 @@ import pytest
 import signedjson.key
 import yaml
 
-from gateway.notary import synapse_config
+from gateway.commands import synapse_config
 
 
 def test_synapse_config_says_replace_and_flags_the_loopback_allowances(

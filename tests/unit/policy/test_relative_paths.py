@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import load_config
-from gateway.demo import gateway_config, to_toml
+from gateway.demo.stack import gateway_config, to_toml
 from gateway.policy import PolicyConfigError, PolicySet, load_policy_set, parse_policy_config
 from policies.policy_lists import BanList
 from tests.unit.policy.contexts import FIXTURES

@@ -37,7 +37,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 
+from gateway.app import PASSTHROUGH_PREFIXES, handled_prefixes, public_route_table
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.services import Services
 
 __all__ = [
     "AMBIGUOUS_PATH",
@@ -113,9 +115,6 @@ def _url_host_port(url: str) -> tuple[str, str, int]:
 
 def route_plan(config: GatewayConfig, extra: Sequence[Any] = ()) -> RoutePlan:
     """The plan for ``config``; ``extra`` route installers as ``serve`` takes them."""
-    from gateway.app import PASSTHROUGH_PREFIXES, handled_prefixes, public_route_table
-    from gateway.services import Services
-
     router = public_route_table(cast(Services, _RoutingOnly()), extra)
     templates = [r.template for r in router.routes]
     templates += [p.decode() for p in handled_prefixes(config)]

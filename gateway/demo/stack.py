@@ -8,7 +8,7 @@ Everything lives in one data directory (``./demo-data`` by default)::
     synapse/        Synapse's config, signing key, SQLite database, media and logs
 
 The homeserver is named ``localhost:PORT`` after the gateway's public port, so peers reach
-it through the gateway (see ``gateway.homeserver.synapse``). The demo's settings let a
+it through the gateway (see ``gateway.demo.synapse``). The demo's settings let a
 script on the same machine act as a remote server named ``localhost:OTHERPORT``: loopback
 addresses are allowed and TLS certificates of ``localhost`` are not checked, by Synapse and
 by the gateway alike. Production defaults stay strict; these settings exist only here.
@@ -36,8 +36,9 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from gateway.app import internal_tls_files
+from gateway.commands.synapse_config import outbound_synapse_settings
 from gateway.config import ConfigError, load_config
-from gateway.homeserver.synapse import (
+from gateway.demo.synapse import (
     HomeserverError,
     ServiceProcess,
     SynapseConfig,
@@ -49,7 +50,6 @@ from gateway.homeserver.synapse import (
 )
 from gateway.notary import NotaryKey, prepare_notary_files
 from gateway.notary.certificate import ensure_self_signed_certificate
-from gateway.notary.synapse_config import outbound_synapse_settings
 
 DEFAULT_DATA_DIR = Path("demo-data")
 DEFAULT_PORT = 8448

@@ -34,7 +34,9 @@ import httpx
 import trio
 from nacl.signing import SigningKey
 
+from gateway.app import ListenError, bind_sockets, serve
 from gateway.config import GatewayConfig
+from gateway.features.outbound import CHECK_DESTINATION, CHECK_KEY_ID, CHECK_KEY_VALIDITY_MS
 from gateway.matrix.xmatrix import sign_request
 from gateway.notary.service import OWN_KEY_VALIDITY_MS, Notary
 from gateway.services import open_services
@@ -170,8 +172,6 @@ async def _with_gateway(
     bind = config.internal.bind
     if _listening(bind.host, bind.port):
         return await work()
-    from gateway.app import ListenError, bind_sockets, serve
-
     try:
         sockets = bind_sockets(config)
     except ListenError as e:
@@ -191,12 +191,6 @@ async def check_homeserver_uses_notary(config: GatewayConfig) -> NotaryCheck:
 
 
 async def _outbound_probe(config: GatewayConfig) -> NotaryCheck:
-    from gateway.features.outbound import (
-        CHECK_DESTINATION,
-        CHECK_KEY_ID,
-        CHECK_KEY_VALIDITY_MS,
-    )
-
     hs = config.homeserver
     timeout = httpx.Timeout(hs.read_timeout, connect=hs.connect_timeout)
     asked_at = int(time.time() * 1000)

@@ -3,7 +3,7 @@
 Each run starts a peer named ``localhost:PORT`` (a free port) with a new ed25519 key. It
 serves ``/_matrix/key/v2/server`` over TLS on loopback, with a self-made certificate for
 ``localhost``: the demo's gateway and Synapse allow loopback addresses and do not check
-certificates of ``localhost`` (see ``gateway.demo``), so both can fetch and verify its key.
+certificates of ``localhost`` (see ``gateway.demo.stack``), so both can fetch and verify its key.
 It builds and signs its events with ``gateway.matrix``, signs its requests with X-Matrix,
 sends them to the demo's gateway (``demo.json`` in the data directory says where) and prints
 what the gateway decided: the status and Matrix error of each answer, and the decisions the
@@ -46,7 +46,7 @@ import trio
 from nacl.signing import SigningKey
 
 from gateway.config import ConfigError, load_config
-from gateway.homeserver.synapse import HomeserverError, register_user
+from gateway.demo.synapse import HomeserverError, register_user
 from gateway.matrix.canonical_json import encode_canonical_json
 from gateway.matrix.events import JsonDict, compute_event_id, compute_room_id
 from gateway.matrix.room_versions import ROOM_VERSIONS, Disposition, get_room_version
@@ -88,7 +88,7 @@ class DemoInfo:
     @classmethod
     def read(cls, data_dir: Path | None) -> DemoInfo:
         # Imported here: building the `gateway` command line must stay light.
-        from gateway.demo import DEFAULT_DATA_DIR, DEMO_FILE
+        from gateway.demo.stack import DEFAULT_DATA_DIR, DEMO_FILE
 
         path = (data_dir or DEFAULT_DATA_DIR) / DEMO_FILE
         try:
