@@ -206,13 +206,15 @@ class PublicApp:
         request_id: str,
         route: str,
         params: Mapping[str, str],
-    ) -> Request:
+    ) -> Request[Services]:
         return Request(
             scope,
             receive,
             services=self.services,
             request_id=request_id,
             log=_log.bind(request_id=request_id, route=route),
+            max_body_size=self.services.config.public.max_body_size,
+            body_timeout=self.services.config.public.request_timeout,
             path_params=params,
             route=route,
         )
@@ -390,6 +392,8 @@ class InternalApp:
                     services=self.services,
                     request_id=request_id,
                     log=_log.bind(request_id=request_id, route=match.route.name),
+                    max_body_size=self.services.config.public.max_body_size,
+                    body_timeout=self.services.config.public.request_timeout,
                     path_params=match.params,
                     route=match.route.name,
                 )

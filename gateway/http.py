@@ -24,16 +24,13 @@ import json
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qs, unquote_to_bytes
 
 import trio
 
 from gateway.errors import Codes, MatrixError
 from gateway.matrix.canonical_json import InvalidJson, parse_json
-
-if TYPE_CHECKING:
-    from gateway.services import Services
 
 __all__ = [
     "Handler",
@@ -108,13 +105,19 @@ async def send_response(send: Send, response: Response, *, head: bool = False) -
     await send({"type": "http.response.body", "body": b"" if head else response.body})
 
 
-class Request:
+#: What a listener hands its handlers as ``request.services`` (``gateway.services.Services``
+#: for the gateway's listeners); this module does not need to know it.
+ServicesT = TypeVar("ServicesT")
+
+
+class Request(Generic[ServicesT]):
     """One request to an owned endpoint.
 
     ``raw_path`` and ``query_string`` are exactly the bytes the client sent (still
     percent-encoded); ``path_params`` are the decoded template parameters; ``log`` is a
     structlog logger bound to the request id; ``services`` reaches configuration, the
-    homeserver and the other shared parts.
+    homeserver and the other shared parts. :meth:`body` reads at most ``max_body_size``
+    bytes, within ``body_timeout`` seconds.
     """
 
     def __init__(
@@ -122,15 +125,19 @@ class Request:
         scope: Scope,
         receive: Receive,
         *,
-        services: Services,
+        services: ServicesT,
         request_id: str,
         log: Any,
+        max_body_size: int,
+        body_timeout: float,
         path_params: Mapping[str, str] | None = None,
         route: str = "",
     ) -> None:
         self.scope = scope
         self._receive = receive
         self.services = services
+        self.max_body_size = max_body_size
+        self.body_timeout = body_timeout
         self.request_id = request_id
         self.log = log
         self.path_params: Mapping[str, str] = dict(path_params or {})
@@ -162,12 +169,11 @@ class Request:
         return parse_qs(self.query_string.decode("latin-1"), keep_blank_values=True)
 
     async def body(self) -> bytes:
-        """The whole body, read once, within ``public.max_body_size`` and
-        ``public.request_timeout`` (413 ``M_TOO_LARGE`` / 408 otherwise)."""
+        """The whole body, read once, within ``max_body_size`` and ``body_timeout`` (413
+        ``M_TOO_LARGE`` / 408 otherwise)."""
         if self._body is None:
-            public = self.services.config.public
             self._body = await read_body(
-                self._receive, self.headers, public.max_body_size, public.request_timeout
+                self._receive, self.headers, self.max_body_size, self.body_timeout
             )
         return self._body
 
@@ -180,10 +186,6 @@ class Request:
             return parse_json(raw, max_depth=MAX_JSON_DEPTH)
         except InvalidJson as e:
             raise MatrixError(400, Codes.NOT_JSON, f"Content not JSON: {e}") from None
-
-    async def forward(self) -> Response:
-        """Sends this request to the homeserver unchanged and returns its answer."""
-        return await self.services.forwarder.forward(self)
 
 
 def content_length(headers: Headers, limit: int) -> int | None:
@@ -225,7 +227,7 @@ async def read_body(receive: Receive, headers: Headers, limit: int, seconds: flo
     return b"".join(chunks)
 
 
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request[Any]], Awaitable[Response]]
 
 
 @dataclass(frozen=True)

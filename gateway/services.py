@@ -16,7 +16,7 @@ from signedjson.types import SigningKey
 
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.federation import FederationClient, Keyring, TrustedKeyServer
-from gateway.homeserver.forward import Forwarder
+from gateway.homeserver.forward import Forwarder, ForwardSettings
 from gateway.homeserver.state import HomeserverStateReader
 from gateway.metrics import Metrics
 from gateway.notary import DelegationKeys, Notary, NotaryKey, prepare_notary_files
@@ -25,7 +25,13 @@ from gateway.notary.vouches import StoreVouchRecords
 from gateway.policy import PolicyEngine, PolicyLoadError, PolicyMetrics
 from gateway.store import Store, open_store
 
-__all__ = ["Services", "load_homeserver_signing_key", "now_ms", "open_services"]
+__all__ = [
+    "Services",
+    "forward_settings",
+    "load_homeserver_signing_key",
+    "now_ms",
+    "open_services",
+]
 
 
 def now_ms() -> int:
@@ -36,9 +42,10 @@ def now_ms() -> int:
 class Services:
     """Shared, long-lived parts of one worker process.
 
-    ``forwarder`` sends requests to the homeserver byte for byte (passthrough and
-    ``request.forward()``); ``homeserver`` is an httpx client with ``base_url`` set to the
-    homeserver for the gateway's own calls to it (paths the gateway composes itself);
+    ``forwarder`` sends requests to the homeserver byte for byte (passthrough, and the
+    owned handlers' ``forward(request)``); ``homeserver`` is an httpx client with
+    ``base_url`` set to the homeserver for the gateway's own calls to it (paths the gateway
+    composes itself);
     ``keyring`` fetches and verifies other servers' keys; ``notary`` is set when the
     homeserver's signing key is configured (``server.signing_key_path``), and so is
     ``room_state``, the one reader of room state through the homeserver's federation API
@@ -68,6 +75,19 @@ class Services:
         return self.keyring
 
 
+def forward_settings(config: GatewayConfig) -> ForwardSettings:
+    """The :class:`ForwardSettings` of ``config``."""
+    hs, public = config.homeserver, config.public
+    return ForwardSettings(
+        url=hs.url,
+        connect_timeout=hs.connect_timeout,
+        read_timeout=hs.read_timeout,
+        max_body_size=public.max_body_size,
+        request_timeout=public.request_timeout,
+        x_forwarded=public.x_forwarded,
+    )
+
+
 def load_homeserver_signing_key(path: Path) -> SigningKey:
     with path.open() as f:
         keys = signedjson.key.read_signing_keys(f)
@@ -88,7 +108,7 @@ async def open_services(
     metrics = metrics if metrics is not None else Metrics()
     hs = config.homeserver
     timeout = httpx.Timeout(hs.read_timeout, connect=hs.connect_timeout)
-    forwarder = Forwarder(config, metrics)
+    forwarder = Forwarder(forward_settings(config), metrics)
     fed = config.federation
     async with AsyncExitStack() as stack:
         stack.push_async_callback(forwarder.aclose)

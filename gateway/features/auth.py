@@ -44,7 +44,7 @@ class OriginConcurrency:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._in_progress: dict[str, int] = {}
-        self._held: weakref.WeakKeyDictionary[Request, str] = weakref.WeakKeyDictionary()
+        self._held: weakref.WeakKeyDictionary[Request[Any], str] = weakref.WeakKeyDictionary()
 
     @classmethod
     def of(cls, services: Any) -> OriginConcurrency:
@@ -59,7 +59,7 @@ class OriginConcurrency:
     def in_progress(self, origin: str) -> int:
         return self._in_progress.get(origin, 0)
 
-    def enter(self, request: Request, origin: str) -> None:
+    def enter(self, request: Request[Any], origin: str) -> None:
         """Counts ``request`` for ``origin`` (once); raises the 429 when over the cap."""
         if request in self._held:
             return
@@ -74,7 +74,7 @@ class OriginConcurrency:
         self._in_progress[origin] = current + 1
         self._held[request] = origin
 
-    def leave(self, request: Request) -> None:
+    def leave(self, request: Request[Any]) -> None:
         """Ends ``request``'s count, if it has one."""
         origin = self._held.pop(request, None)
         if origin is None:
@@ -91,7 +91,7 @@ def _unauthorized(message: str) -> MatrixError:
 
 
 async def authenticate_request(
-    request: Request,
+    request: Request[Any],
     content: Any | None,
     *,
     keys: KeySource,

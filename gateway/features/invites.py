@@ -273,7 +273,7 @@ async def _verified_state(
     return verified
 
 
-async def validate_v3_invite(request: Request) -> ValidatedInvite:
+async def validate_v3_invite(request: Request[Services]) -> ValidatedInvite:
     """Every check the proposal asks of the receiving server; raises a Matrix error."""
     services = request.services
     our_server = services.config.server.server_name
@@ -339,7 +339,7 @@ async def validate_v3_invite(request: Request) -> ValidatedInvite:
     )
 
 
-async def deliver_as_v2(request: Request, invite: ValidatedInvite) -> Response:
+async def deliver_as_v2(request: Request[Services], invite: ValidatedInvite) -> Response:
     """Sends the invite to the homeserver as a v2 invite signed as the origin."""
     services = request.services
     notary = services.notary
@@ -391,7 +391,7 @@ async def deliver_as_v2(request: Request, invite: ValidatedInvite) -> Response:
 
 
 def _answer_dropped(
-    request: Request, event: dict[str, Any], version: RoomVersion, endpoint: str
+    request: Request[Services], event: dict[str, Any], version: RoomVersion, endpoint: str
 ) -> Response:
     """The answer of a homeserver that accepted the invite: the event with our signature.
 
@@ -414,7 +414,7 @@ def _answer_dropped(
 
 
 async def _apply_policy(
-    request: Request,
+    request: Request[Services],
     ctx: InviteContext,
     event: dict[str, Any],
     version: RoomVersion,
@@ -432,7 +432,7 @@ async def _apply_policy(
     raise outcome.error()
 
 
-async def on_v3_invite(request: Request) -> Response:
+async def on_v3_invite(request: Request[Services]) -> Response:
     try:
         # The body first, under its own limit (408): a client slow to send it is not a
         # gateway slow to check it (504).
@@ -501,7 +501,7 @@ def _legacy_invite_parts(
 
 
 def _legacy_invite(endpoint: str) -> Any:
-    async def handler(request: Request) -> Response:
+    async def handler(request: Request[Services]) -> Response:
         services = request.services
         services.metrics.legacy_invites.labels(version=endpoint).inc()
         if services.policy is None:
@@ -510,7 +510,7 @@ def _legacy_invite(endpoint: str) -> Any:
             # could not encode again (escaped lone surrogates).
             if _legacy_invite_parts(await request.json(), endpoint) is None:
                 raise _bad_json("the invite must carry an event with a sender and a state_key")
-            return await request.forward()
+            return await request.services.forwarder.forward(request)
         body = await request.json()
         auth = await authenticate_request(request, body, keys=services.require_keyring())
         parts = _legacy_invite_parts(body, endpoint)
@@ -557,7 +557,7 @@ def _legacy_invite(endpoint: str) -> Any:
         if outcome.dropped:
             request.log.info("invite.dropped", policy=outcome.policy, origin=auth.origin)
             return _answer_dropped(request, event, version, endpoint)
-        return await request.forward()
+        return await request.services.forwarder.forward(request)
 
     return handler
 

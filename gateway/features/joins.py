@@ -224,7 +224,7 @@ class JoinServices:
     record_lifetime_ms: int = MAKE_JOIN_RECORD_LIFETIME_MS
 
     async def authenticate(
-        self, request: Request, content: Any | None, now_ms: int | None = None
+        self, request: Request[Services], content: Any | None, now_ms: int | None = None
     ) -> str:
         """The origin of a request signed with X-Matrix for our server (401 otherwise)."""
         auth = await authenticate_request(
@@ -261,7 +261,7 @@ def join_services(services: Services) -> JoinServices:
 
 
 async def _ask_policy(
-    request: Request,
+    request: Request[Services],
     stage: JoinStage,
     *,
     origin: str,
@@ -332,7 +332,7 @@ def _json_body(response: Response) -> Any:
         raise MatrixError(502, Codes.UNKNOWN, "The homeserver's answer was not JSON") from None
 
 
-async def on_make_join(request: Request) -> Response:
+async def on_make_join(request: Request[Services]) -> Response:
     deps = join_services(request.services)
     room_id = request.path_params["roomId"]
     user_id = request.path_params["userId"]
@@ -352,7 +352,7 @@ async def on_make_join(request: Request) -> Response:
         )
 
     # The original request, unchanged: the origin's signature stays valid.
-    response = await request.forward()
+    response = await request.services.forwarder.forward(request)
     if response.status != 200:
         return response
     answer = _json_body(response)
@@ -403,7 +403,7 @@ async def on_make_join(request: Request) -> Response:
 # --- send_join ----------------------------------------------------------------------------
 
 
-async def _send_join(request: Request, *, v1: bool) -> Response:
+async def _send_join(request: Request[Services], *, v1: bool) -> Response:
     deps = join_services(request.services)
     room_id = request.path_params["roomId"]
     event_id = request.path_params["eventId"]
@@ -479,7 +479,7 @@ async def _send_join(request: Request, *, v1: bool) -> Response:
             join_rule=state.join_rule if state else None,
         )
 
-    response = await request.forward()
+    response = await request.services.forwarder.forward(request)
     if response.status != 200:
         return response
     # The membership just changed: the next restricted join that names this room as an
@@ -513,11 +513,11 @@ async def _send_join(request: Request, *, v1: bool) -> Response:
     return Response.json([answer[0], completed] if v1 else completed)
 
 
-async def on_send_join_v1(request: Request) -> Response:
+async def on_send_join_v1(request: Request[Services]) -> Response:
     return await _send_join(request, v1=True)
 
 
-async def on_send_join_v2(request: Request) -> Response:
+async def on_send_join_v2(request: Request[Services]) -> Response:
     return await _send_join(request, v1=False)
 
 

@@ -10,11 +10,14 @@ or come to trust a delegation key.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import Codes, MatrixError
 from gateway.http import Request, Response
 from gateway.notary.keys import DELEGATION_KEY_PREFIX, server_keys_carry_delegation_key
+
+if TYPE_CHECKING:
+    from gateway.services import Services
 
 
 def filter_key_query_body(body: bytes) -> tuple[bytes, int]:
@@ -41,7 +44,7 @@ def filter_key_query_body(body: bytes) -> tuple[bytes, int]:
     return json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode(), removed
 
 
-async def on_key_query(request: Request) -> Response:
+async def on_key_query(request: Request[Services]) -> Response:
     """Forwards a request under ``/_matrix/key/`` to the homeserver and filters its answer
     (the public listener sends every such path here, whatever its shape)."""
     headers = [

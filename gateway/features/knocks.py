@@ -69,7 +69,7 @@ def check_knock_event(event: Any, *, room_id: str, origin: str) -> str:
 
 
 async def _ask_policy(
-    request: Request,
+    request: Request[Services],
     deps: JoinServices,
     stage: KnockStage,
     *,
@@ -101,7 +101,7 @@ async def _ask_policy(
         raise outcome.error()
 
 
-async def on_make_knock(request: Request) -> Response:
+async def on_make_knock(request: Request[Services]) -> Response:
     deps = join_services(request.services)
     room_id = request.path_params["roomId"]
     user_id = request.path_params["userId"]
@@ -110,17 +110,17 @@ async def on_make_knock(request: Request) -> Response:
         raise MatrixError(403, Codes.FORBIDDEN, "The user does not belong to the origin")
     await _ask_policy(request, deps, "make_knock", origin=origin, user_id=user_id, room_id=room_id)
     # The original request, ``ver`` parameters included: the homeserver picks the version.
-    return await request.forward()
+    return await request.services.forwarder.forward(request)
 
 
-async def on_send_knock(request: Request) -> Response:
+async def on_send_knock(request: Request[Services]) -> Response:
     deps = join_services(request.services)
     room_id = request.path_params["roomId"]
     event = await request.json()
     origin = await deps.authenticate(request, event)
     sender = check_knock_event(event, room_id=room_id, origin=origin)
     await _ask_policy(request, deps, "send_knock", origin=origin, user_id=sender, room_id=room_id)
-    return await request.forward()
+    return await request.services.forwarder.forward(request)
 
 
 def install(router: Router, services: Services) -> None:

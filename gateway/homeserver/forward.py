@@ -11,8 +11,8 @@ fully arrived by the time its head is read is passed on in one piece with a
 
 Bodies are streamed both ways. Limits:
 
-* A ``Content-Length`` over ``public.max_body_size`` is refused (413 ``M_TOO_LARGE``)
-  before anything is sent to the homeserver.
+* A ``Content-Length`` over ``public.max_body_size`` (:class:`ForwardSettings` has the
+  limits) is refused (413 ``M_TOO_LARGE``) before anything is sent to the homeserver.
 * A body without ``Content-Length`` (chunked) is read up to :data:`BUFFERED_BODY_LIMIT`
   first. If it ends there it is sent with a ``Content-Length``; if it is over the limit it
   is refused without contacting the homeserver. A longer one is streamed up chunked; if it
@@ -41,10 +41,11 @@ import socket
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import trio
 
-from gateway.config import GatewayConfig
 from gateway.errors import Codes, MatrixError
 from gateway.http import (
     ClientDisconnected,
@@ -59,7 +60,13 @@ from gateway.http import (
 )
 from gateway.metrics import Metrics
 
-__all__ = ["BUFFERED_BODY_LIMIT", "Forwarder", "ResponseCutShort", "UpstreamFailed"]
+__all__ = [
+    "BUFFERED_BODY_LIMIT",
+    "ForwardSettings",
+    "Forwarder",
+    "ResponseCutShort",
+    "UpstreamFailed",
+]
 
 #: Bodies without Content-Length are read this far before the homeserver is contacted.
 BUFFERED_BODY_LIMIT = 64 * 1024
@@ -520,22 +527,38 @@ class _UpstreamPool:
             connection.close()
 
 
-class Forwarder:
-    """Sends requests to ``homeserver.url`` over a pool of kept-alive connections."""
+@dataclass(frozen=True)
+class ForwardSettings:
+    """What the forwarder takes from the configuration (``gateway.services`` fills it in)."""
 
-    def __init__(self, config: GatewayConfig, metrics: Metrics) -> None:
-        self.config = config
+    #: ``homeserver.url``
+    url: str
+    #: ``homeserver.connect_timeout`` and ``homeserver.read_timeout``, seconds
+    connect_timeout: float
+    read_timeout: float
+    #: ``public.max_body_size``, bytes
+    max_body_size: int
+    #: ``public.request_timeout``: the whole request body must arrive within it, seconds
+    request_timeout: float
+    #: ``public.x_forwarded``: trust the X-Forwarded-* headers of a TLS terminator
+    x_forwarded: bool = False
+
+
+class Forwarder:
+    """Sends requests to the homeserver over a pool of kept-alive connections."""
+
+    def __init__(self, settings: ForwardSettings, metrics: Metrics) -> None:
+        self.settings = settings
         self.metrics = metrics
-        hs = config.homeserver
-        url = urllib.parse.urlsplit(hs.url)
+        url = urllib.parse.urlsplit(settings.url)
         self._netloc = url.netloc.encode("idna")
-        self._max_body = config.public.max_body_size
+        self._max_body = settings.max_body_size
         self._pool = _UpstreamPool(
             url.hostname or "",
             url.port or (443 if url.scheme == "https" else 80),
             ssl.create_default_context() if url.scheme == "https" else None,
-            connect_timeout=hs.connect_timeout,
-            read_timeout=hs.read_timeout,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
         )
 
     async def aclose(self) -> None:
@@ -567,7 +590,7 @@ class Forwarder:
         client = scope.get("client")
         peer = str(client[0]).encode() if client else b"unknown"
         scheme = str(scope.get("scheme", "http")).encode()
-        if self.config.public.x_forwarded:
+        if self.settings.x_forwarded:
             out.append((b"x-forwarded-for", b", ".join([*forwarded_for, peer])))
             out.append((b"x-forwarded-proto", forwarded_proto or scheme))
         else:
@@ -599,7 +622,7 @@ class Forwarder:
                 400, Codes.UNKNOWN, "Request has both Content-Length and Transfer-Encoding"
             )
         length = content_length(incoming, self._max_body)
-        deadline = trio.current_time() + self.config.public.request_timeout
+        deadline = trio.current_time() + self.settings.request_timeout
         content: bytes | AsyncIterator[bytes]
         if length is not None:
             headers.append((b"content-length", str(length).encode()))
@@ -733,7 +756,7 @@ class Forwarder:
 
     async def forward(
         self,
-        request: Request,
+        request: Request[Any],
         *,
         method: str | None = None,
         target: bytes | None = None,

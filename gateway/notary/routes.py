@@ -43,14 +43,14 @@ class HomeserverKeySource:
         return self._key
 
 
-def _notary(request: Request) -> Notary:
+def _notary(request: Request[Services]) -> Notary:
     notary = request.services.notary
     if notary is None:
         raise MatrixError(404, Codes.UNRECOGNIZED, "Unrecognized request")
     return notary
 
 
-async def _authenticate(request: Request, content: object | None) -> None:
+async def _authenticate(request: Request[Services], content: object | None) -> None:
     notary = _notary(request)
     signing_key = request.services.homeserver_signing_key
     assert signing_key is not None
@@ -64,7 +64,7 @@ async def _authenticate(request: Request, content: object | None) -> None:
     )
 
 
-async def on_query_post(request: Request) -> Response:
+async def on_query_post(request: Request[Services]) -> Response:
     body = await request.json()
     await _authenticate(request, body)
     wanted = parse_query_body(body)
@@ -73,7 +73,7 @@ async def on_query_post(request: Request) -> Response:
     return Response.json(answer)
 
 
-async def on_query_get(request: Request) -> Response:
+async def on_query_get(request: Request[Services]) -> Response:
     await _authenticate(request, None)
     server_name = request.path_params["serverName"]
     minimum: int | None = None
@@ -85,7 +85,7 @@ async def on_query_get(request: Request) -> Response:
     return Response.json(answer)
 
 
-async def on_server_keys(request: Request) -> Response:
+async def on_server_keys(request: Request[Services]) -> Response:
     # Unauthenticated, like every server's: the homeserver fetches it unsigned.
     return Response.json(_notary(request).own_server_keys())
 

@@ -78,7 +78,7 @@ async def test_owned_handler_sees_the_request_and_can_forward(
         body = await request.json()
         if body.get("deny"):
             raise MatrixError(403, Codes.FORBIDDEN, "not today")
-        upstream = await request.forward()
+        upstream = await request.services.forwarder.forward(request)
         return Response.json({"params": dict(request.path_params), "hs": upstream.status})
 
     def install(router: Router, services: Services) -> None:

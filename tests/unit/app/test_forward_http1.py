@@ -25,6 +25,7 @@ from gateway.errors import MatrixError
 from gateway.homeserver.forward import Forwarder
 from gateway.http import Request
 from gateway.metrics import Metrics
+from gateway.services import forward_settings
 from tests.unit.app.conftest import StartGateway, make_config
 from tests.unit.app.test_app_passthrough import raw_request
 
@@ -673,7 +674,7 @@ async def test_folded_client_header_stays_one_header(
 
 def direct_forwarder(url: str) -> Forwarder:
     config: GatewayConfig = make_config(Path("."), url)
-    return Forwarder(config, Metrics())
+    return Forwarder(forward_settings(config), Metrics())
 
 
 @pytest.mark.parametrize(
