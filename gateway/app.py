@@ -44,7 +44,7 @@ from hypercorn.utils import wrap_app
 from gateway.config import BindAddress, GatewayConfig
 from gateway.errors import Codes, MatrixError
 from gateway.features import invites, joins, keys, knocks
-from gateway.features.auth import OriginConcurrency
+from gateway.features import notary as notary_endpoints
 from gateway.features.cors import Cors
 from gateway.features.guests import (
     CLIENT_PREFIX,
@@ -52,6 +52,7 @@ from gateway.features.guests import (
     RefusedUnread,
     client_api_segments,
 )
+from gateway.features.origins import OriginConcurrency
 from gateway.features.outbound import OutboundApp
 from gateway.homeserver.forward import ResponseCutShort
 from gateway.http import (
@@ -69,7 +70,6 @@ from gateway.http import (
 from gateway.logging import get_logger, loggable_query
 from gateway.metrics import CONTENT_TYPE_LATEST
 from gateway.notary import prepare_notary_files
-from gateway.notary import routes as notary_routes
 from gateway.services import Services, open_services, reload_policies
 from gateway.store import StoreError
 
@@ -92,7 +92,7 @@ RouteInstaller = Callable[[Router, Services], None]
 #: Owned endpoints on the public listener. Feature modules add their installer here.
 PUBLIC_ROUTES: list[RouteInstaller] = [invites.install, joins.install, knocks.install]
 #: Endpoints on the internal listener besides /health and /metrics (the notary).
-INTERNAL_ROUTES: list[RouteInstaller] = [notary_routes.install]
+INTERNAL_ROUTES: list[RouteInstaller] = [notary_endpoints.install]
 
 _BACKLOG = 1024
 _GRACEFUL_TIMEOUT = 5.0

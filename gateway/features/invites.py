@@ -39,7 +39,7 @@ import trio
 from nacl.signing import SigningKey
 
 from gateway.errors import Codes, MatrixError
-from gateway.features.auth import authenticate_request
+from gateway.features.origins import authenticate_origin
 from gateway.federation.pdu_check import PduProblem, PduRejected, check_pdu
 from gateway.http import Request, Response, Router
 from gateway.matrix.events import compute_event_id, compute_room_id
@@ -279,7 +279,7 @@ async def validate_v3_invite(request: Request[Services]) -> ValidatedInvite:
     our_server = services.config.server.server_name
     path_room_id = request.path_params["roomId"]
     body = await request.json()
-    auth = await authenticate_request(request, body, keys=services.require_keyring())
+    auth = await authenticate_origin(request, body, keys=services.require_keyring())
     origin = auth.origin
     if not isinstance(body, dict):
         raise _bad_json("the request body must be a JSON object")
@@ -512,7 +512,7 @@ def _legacy_invite(endpoint: str) -> Any:
                 raise _bad_json("the invite must carry an event with a sender and a state_key")
             return await request.services.forwarder.forward(request)
         body = await request.json()
-        auth = await authenticate_request(request, body, keys=services.require_keyring())
+        auth = await authenticate_origin(request, body, keys=services.require_keyring())
         parts = _legacy_invite_parts(body, endpoint)
         if parts is None:
             # Never forwarded unchecked: that would pass by the policies.

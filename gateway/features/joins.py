@@ -36,7 +36,7 @@ import structlog
 from nacl.signing import SigningKey
 
 from gateway.errors import Codes, MatrixError
-from gateway.features.auth import authenticate_request
+from gateway.features.origins import authenticate_origin
 from gateway.features.restricted_joins import RoomStateReader, decide_join
 from gateway.federation.keys import KeySource
 from gateway.federation.pdu_check import PduProblem, PduRejected, check_pdu
@@ -227,7 +227,7 @@ class JoinServices:
         self, request: Request[Services], content: Any | None, now_ms: int | None = None
     ) -> str:
         """The origin of a request signed with X-Matrix for our server (401 otherwise)."""
-        auth = await authenticate_request(
+        auth = await authenticate_origin(
             request,
             content,
             keys=self.keys,

@@ -12,7 +12,7 @@ from typing import cast
 from nacl.signing import SigningKey
 
 from gateway.errors import Codes, MatrixError
-from gateway.features.auth import authenticate_request
+from gateway.federation.auth import authenticate_request
 from gateway.federation.keys import VerifyKeyWithExpiry
 from gateway.http import Request, Response, Router
 from gateway.matrix.signing import key_id_of
