@@ -43,21 +43,15 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 import trio
 from nacl.signing import SigningKey
 
 from gateway.errors import Codes, MatrixError
 from gateway.features import outbound_invites
-from gateway.federation.errors import (
-    AddressRefused,
-    DiscoveryError,
-    FederationError,
-    RequestTimeout,
-)
+from gateway.features.outbound_requests import OutboundRequest, ProxyTarget, destination_error
+from gateway.federation.errors import FederationError
 from gateway.http import (
     ClientDisconnected,
     Headers,
@@ -115,28 +109,6 @@ CHECK_KEY_VALIDITY_MS = 60_000
 
 #: An ASGI application answering requests for a destination served locally (the notary).
 LocalApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyTarget:
-    """Where a proxied request goes: ``matrix-federation://<destination><target>``."""
-
-    destination: str
-    #: The raw path and query, still percent-encoded, exactly as the homeserver signed it.
-    target: str
-
-    @property
-    def raw_path(self) -> str:
-        return self.target.partition("?")[0]
-
-    @property
-    def query(self) -> str:
-        return self.target.partition("?")[2]
-
-    @property
-    def path(self) -> str:
-        """The path, percent-decoded (for classification and policies only)."""
-        return unquote(self.raw_path)
 
 
 def parse_proxy_target(raw: bytes, query: bytes = b"") -> ProxyTarget:
@@ -233,21 +205,6 @@ def outbound_kind(path: str) -> tuple[OutboundKind, str]:
             room = parts[5]
         return kind, room
     return "other", ""
-
-
-@dataclass(slots=True)
-class OutboundRequest:
-    """One proxied request, read and authenticated."""
-
-    request_id: str
-    method: str
-    target: ProxyTarget
-    kind: OutboundKind
-    room_id: str
-    #: Synapse's headers that go on (``FORWARDED_REQUEST_HEADERS``), as received.
-    headers: list[tuple[str, str]]
-    body: bytes
-    log: Any
 
 
 class OutboundApp:
@@ -464,25 +421,6 @@ async def forward(services: Services, request: OutboundRequest, send: Send) -> N
             await send({"type": "http.response.body", "body": b"", "more_body": False})
     except FederationError as e:
         raise destination_error(target.destination, e) from None
-
-
-def destination_error(destination: str, error: FederationError) -> MatrixError:
-    """The Matrix error the homeserver gets when a destination could not be asked."""
-    if isinstance(error, RequestTimeout):
-        return _Unreachable(504, f"{destination} did not answer in time", "timeout")
-    if isinstance(error, AddressRefused):
-        reason = f"{destination} resolves only to addresses this gateway may not contact"
-    elif isinstance(error, DiscoveryError):
-        reason = f"{destination} cannot be found: {error}"
-    else:
-        reason = f"{destination} cannot be reached: {error}"
-    return _Unreachable(502, reason, "unreachable")
-
-
-class _Unreachable(MatrixError):
-    def __init__(self, status: int, message: str, outcome: str) -> None:
-        super().__init__(status, Codes.UNKNOWN, message, retry_after_ms=10_000)
-        self.outcome = outcome
 
 
 async def _serve_locally(app: LocalApp, scope: Scope, request: OutboundRequest, send: Send) -> None:

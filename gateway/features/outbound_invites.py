@@ -31,20 +31,18 @@ import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal, cast
 from urllib.parse import quote
 
 from nacl.signing import SigningKey
 
 from gateway.errors import MatrixError
+from gateway.features.outbound_requests import OutboundRequest, destination_error
 from gateway.federation.errors import FederationError
 from gateway.http import Response
 from gateway.matrix.room_versions import ROOM_VERSIONS, EventIdFormat, RoomVersion
 from gateway.matrix.xmatrix import sign_request
 from gateway.services import Services, now_ms
-
-if TYPE_CHECKING:
-    from gateway.features.outbound import OutboundRequest
 
 __all__ = [
     "InviteAnswer",
@@ -247,8 +245,6 @@ async def send_invite(services: Services, request: OutboundRequest) -> InviteAns
             time_limit=config.request_timeout,
         )
     except FederationError as e:
-        from gateway.features.outbound import destination_error
-
         # The v3 attempt could not be made at all: the v2 request would fare no better.
         raise destination_error(destination, e) from None
     if is_missing_endpoint(answer.status, answer.body):
