@@ -67,6 +67,7 @@ from gateway.http import (
     new_request_id,
     send_response,
 )
+from gateway.http1.server import ServerSettings, serve_http1, tls_context
 from gateway.logging import get_logger, loggable_query
 from gateway.metrics import CONTENT_TYPE_LATEST
 from gateway.notary import prepare_notary_files
@@ -540,6 +541,15 @@ def hypercorn_config(
     return hc
 
 
+def public_server_settings(config: GatewayConfig) -> ServerSettings:
+    """The built-in server's settings for the public listener (as Hypercorn's above)."""
+    return ServerSettings(
+        keep_alive_timeout=min(_KEEP_ALIVE_TIMEOUT, config.public.request_timeout),
+        write_timeout=config.public.request_timeout,
+        graceful_timeout=_GRACEFUL_TIMEOUT,
+    )
+
+
 async def _reload_on_sighup(services: Services) -> None:
     """SIGHUP re-reads the admission policies; a broken set leaves the old one running."""
     with trio.open_signal_receiver(signal.SIGHUP) as received:
@@ -632,9 +642,24 @@ async def serve(
                         InternalApp(services, internal_router), listeners.internal, internal_tls
                     )
                 )
-                await nursery.start(
-                    listener(PublicApp(services, public_router), listeners.public, public_tls)
-                )
+                public_app = PublicApp(services, public_router)
+                if config.public.http_server == "builtin":
+                    await nursery.start(
+                        partial(
+                            serve_http1,
+                            public_app,
+                            listeners.public,
+                            settings=public_server_settings(config),
+                            ssl_context=(
+                                tls_context(str(public_tls[0]), str(public_tls[1]))
+                                if public_tls
+                                else None
+                            ),
+                            shutdown_trigger=stop.wait,
+                        )
+                    )
+                else:
+                    await nursery.start(listener(public_app, listeners.public, public_tls))
                 outbound_url = None
                 if listeners.outbound is not None:
                     # Synapse asks its trusted key server (our notary) through this

@@ -90,6 +90,9 @@ class HomeserverConfig:
     expose_admin_api: bool = False
 
 
+HttpServer = Literal["builtin", "hypercorn"]
+
+
 @dataclass(frozen=True)
 class PublicConfig:
     bind: BindAddress = BindAddress("0.0.0.0", 8448)
@@ -101,6 +104,9 @@ class PublicConfig:
     x_forwarded: bool = False
     #: owned endpoints: requests of one authenticated origin in progress at once, per worker
     max_concurrent_per_origin: int = 32
+    #: the HTTP server of this listener: the gateway's own HTTP/1.1 server, or Hypercorn
+    #: (slower; speaks HTTP/2 to TLS peers that offer it)
+    http_server: HttpServer = "builtin"
 
     @property
     def tls(self) -> bool:
@@ -623,6 +629,7 @@ def _public(r: _Reader, t: Mapping[str, Any]) -> PublicConfig:
             "request_timeout",
             "x_forwarded",
             "max_concurrent_per_origin",
+            "http_server",
         },
     )
     cert = r.get(s, t, "tls_certificate_path", None, r.path)
@@ -644,6 +651,7 @@ def _public(r: _Reader, t: Mapping[str, Any]) -> PublicConfig:
         max_concurrent_per_origin=r.get(
             s, t, "max_concurrent_per_origin", d.max_concurrent_per_origin, _integer(1, 100_000)
         ),
+        http_server=r.get(s, t, "http_server", d.http_server, _choice("builtin", "hypercorn")),
     )
 
 

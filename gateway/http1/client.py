@@ -17,6 +17,17 @@ from collections.abc import AsyncIterator
 
 import trio
 
+from gateway.http1.framing import (
+    BAD_TARGET,
+    BAD_VALUE,
+    MAX_HEAD,
+    TOKEN,
+    ChunkedDecoder,
+    FramingError,
+    Headers,
+    parse_fields,
+)
+
 __all__ = [
     "Connection",
     "Headers",
@@ -25,9 +36,6 @@ __all__ = [
     "UpstreamPool",
     "UpstreamResponse",
 ]
-
-#: Header lists as ASGI has them: lower-case names, raw byte values, in order.
-Headers = list[tuple[bytes, bytes]]
 
 # Upstream connections kept open while idle, and for how long.
 _MAX_IDLE = 256
@@ -47,12 +55,7 @@ class Malformed(Exception):
     header, for example)."""
 
 
-# What must never appear inside a request target or a header (RFC 9112 §3.2, RFC 9110 §5.5).
-_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HTTP1_VERSION = re.compile(rb"HTTP/1\.[0-9]")
-_MAX_HEAD = 64 * 1024
 _READ_SIZE = 64 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
 
@@ -121,17 +124,20 @@ class UpstreamResponse:
         #: no body by the rules of HTTP (HEAD, 204, 304): headers are passed on as they are
         self.bodyless = False
         self.has_length = False
-        self._remaining = 0  # bytes left: of the body, or of the current chunk
-        self._chunked = False
+        self._remaining = 0  # body bytes left (Content-Length)
+        self._chunked: ChunkedDecoder | None = None
         self._until_close = False
-        self._chunk_end = False  # the CRLF after a chunk's data is still due
 
     async def read(self) -> bytes:
         """The next body bytes; b"" once ``complete``."""
         connection = self.connection
         while not self.complete:
-            if self._chunked:
-                data = self._take_chunked()
+            if self._chunked is not None:
+                try:
+                    data = self._chunked.take(connection.buffer)
+                except FramingError:
+                    raise UpstreamError("protocol_error") from None
+                self.complete = self._chunked.done
             elif self._until_close:
                 data = bytes(connection.buffer)
                 connection.buffer.clear()
@@ -149,49 +155,6 @@ class UpstreamResponse:
                     return b""
                 raise UpstreamError("closed_early")
         return b""
-
-    def _take_chunked(self) -> bytes:
-        buffer = self.connection.buffer
-        out = bytearray()
-        while True:
-            if self._remaining:
-                piece = buffer[: self._remaining]
-                out += piece
-                del buffer[: len(piece)]
-                self._remaining -= len(piece)
-                if self._remaining:
-                    return bytes(out)
-                self._chunk_end = True
-            if self._chunk_end:
-                if len(buffer) < 2:
-                    return bytes(out)
-                if buffer[:2] != b"\r\n":
-                    raise UpstreamError("protocol_error")
-                del buffer[:2]
-                self._chunk_end = False
-            end = buffer.find(b"\r\n")
-            if end < 0:
-                if len(buffer) > 1024:
-                    raise UpstreamError("protocol_error")
-                return bytes(out)
-            size_text = bytes(buffer[:end]).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise UpstreamError("protocol_error") from None
-            if size == 0:
-                # The last chunk; trailer fields (rarely sent) end with an empty line.
-                trailers_end = buffer.find(b"\r\n\r\n", end)
-                if buffer[end : end + 4] == b"\r\n\r\n":
-                    del buffer[: end + 4]
-                elif trailers_end >= 0:
-                    del buffer[: trailers_end + 4]
-                else:
-                    return bytes(out)
-                self.complete = True
-                return bytes(out)
-            del buffer[: end + 2]
-            self._remaining = size
 
     def _frame(self, method: bytes) -> None:
         """Decides how the body is delimited (RFC 9112 §6.3)."""
@@ -214,7 +177,7 @@ class UpstreamResponse:
                 self.headers = [(k, v) for k, v in self.headers if k != b"content-length"]
                 self.keep_alive = False
             if coding.lower().rsplit(b",", 1)[-1].strip() == b"chunked":
-                self._chunked = True
+                self._chunked = ChunkedDecoder()
             else:
                 self._until_close = True
                 self.keep_alive = False
@@ -300,13 +263,13 @@ class UpstreamPool:
         """Sends a request and reads the response head. ``headers`` must frame ``content``
         (Content-Length, or Transfer-Encoding: chunked for an iterator without one).
         Hand the response to :meth:`release` when done with it."""
-        if _BAD_TARGET.search(target) or not _TOKEN.fullmatch(method):
+        if BAD_TARGET.search(target) or not TOKEN.fullmatch(method):
             raise Malformed()
         head = bytearray(method + b" " + target + b" HTTP/1.1\r\n")
         chunked = False
         declared: int | None = None
         for k, v in headers:
-            if not _TOKEN.fullmatch(k) or _BAD_VALUE.search(v):
+            if not TOKEN.fullmatch(k) or BAD_VALUE.search(v):
                 raise Malformed()
             if k == b"transfer-encoding":
                 chunked = True
@@ -361,7 +324,7 @@ class UpstreamPool:
         while True:
             end = buffer.find(b"\r\n\r\n")
             while end < 0:
-                if len(buffer) > _MAX_HEAD:
+                if len(buffer) > MAX_HEAD:
                     raise UpstreamError("protocol_error")
                 if not await connection.receive(self._read_timeout):
                     raise UpstreamError("protocol_error" if buffer else "closed_early")
@@ -378,13 +341,10 @@ class UpstreamPool:
             ):
                 raise UpstreamError("protocol_error")
             status = int(status_line[1])
-            headers: Headers = []
-            for line in lines[1:]:
-                name, colon, value = line.partition(b":")
-                value = value.strip(b" \t")
-                if not colon or not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-                    raise UpstreamError("protocol_error")
-                headers.append((name.lower(), value))
+            try:
+                headers = parse_fields(lines[1:])
+            except FramingError:
+                raise UpstreamError("protocol_error") from None
             if 100 <= status < 200:
                 continue  # an interim answer (we never ask for 100-continue)
             response = UpstreamResponse(connection, status, headers, self._read_timeout)

@@ -1,9 +1,10 @@
 """The guard against a request with both Content-Length and Transfer-Encoding (RFC 9112 6.1).
 
-The public listener's HTTP/1.1 parser (h11) does not refuse such a request: it reads the
-body as chunked and hands both headers to the gateway. Passing either length on is how a
-second request gets smuggled past the gateway's routing, so passthrough refuses the
-request with 400 before it opens a connection to the homeserver. The bodies here are
+The public listener's built-in HTTP/1.1 server refuses such a request itself; Hypercorn's
+(h11, ``public.http_server = "hypercorn"``) reads the body as chunked and hands both headers
+to the gateway. Passing either length on is how a second request gets smuggled past the
+gateway's routing, so passthrough refuses the request with 400 too, before it opens a
+connection to the homeserver. The bodies here are
 exactly as long as Content-Length says, so a passthrough without the guard would forward
 them cleanly and get the homeserver's 200: only the guard turns them into a 400.
 """
@@ -92,7 +93,8 @@ async def test_listener_refuses_both_lengths_even_when_they_agree(
     raw_homeserver: StartRaw,  # noqa: F811
     start_gateway: StartGateway,
 ) -> None:
-    # h11 lets this request through to the gateway: the guard is what answers it.
+    # The listener refuses it before any application code runs; the guard in passthrough
+    # (tested above with the scope alone) is the second line behind it.
     fake = await raw_homeserver(fixed(OK))
     base = await gateway_for(tmp_path, fake, start_gateway)
     answer = await raw_exchange(
