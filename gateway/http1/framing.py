@@ -58,7 +58,7 @@ class ChunkedDecoder:
 
     :meth:`take` removes what it decodes from the buffer and leaves whatever follows the
     body (the next message) in place; ``done`` turns True once the last chunk and any
-    trailer fields have been consumed. Trailer fields are discarded.
+    trailer fields have been consumed. Trailer fields are checked, then discarded.
     """
 
     __slots__ = ("_chunk_end", "_remaining", "done")
@@ -93,8 +93,9 @@ class ChunkedDecoder:
                 if len(buffer) > _MAX_CHUNK_LINE:
                     raise FramingError("chunk size line too long")
                 break
-            size_text = bytes(buffer[:end]).split(b";", 1)[0].rstrip(b" \t")
-            if not _CHUNK_SIZE.fullmatch(size_text):
+            line = bytes(buffer[:end])
+            size_text = line.split(b";", 1)[0]
+            if not _CHUNK_SIZE.fullmatch(size_text) or BAD_VALUE.search(line):
                 raise FramingError("malformed chunk size")
             size = int(size_text, 16)
             if size:
@@ -110,6 +111,9 @@ class ChunkedDecoder:
                     if len(buffer) > MAX_HEAD:
                         raise FramingError("trailer fields too long")
                     break
+                # Discarded, but only if well-formed: a stray CR or LF in them is where two
+                # parsers could disagree about where the message ends.
+                parse_fields(bytes(buffer[end + 2 : trailers_end]).split(b"\r\n"))
                 del buffer[: trailers_end + 4]
             self.done = True
         return bytes(out)
