@@ -372,6 +372,7 @@ async def deliver_as_v2(request: Request[Services], invite: ValidatedInvite) -> 
         (b"host", our_server.encode("idna") if our_server.isascii() else our_server.encode()),
         (b"authorization", authorization.encode("latin-1")),
         (b"content-type", b"application/json"),
+        *services.forwarder.forwarded_headers(request.scope),
     ]
     answer = await services.forwarder.forward(
         request, method="PUT", target=target.encode(), headers=headers, body=body

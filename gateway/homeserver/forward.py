@@ -205,16 +205,29 @@ class Forwarder:
             out.append((k, v))
         if not has_host:
             out.insert(0, (b"host", self._netloc))
+        out += self._forwarded(scope, forwarded_for, forwarded_proto)
+        return out
+
+    def forwarded_headers(self, scope: Scope) -> Headers:
+        """Only the X-Forwarded-For and X-Forwarded-Proto that :meth:`upstream_headers`
+        would send: for requests the gateway writes itself (a translated invite), so the
+        homeserver still learns the client's address."""
+        forwarded_for = [v for k, v in scope.get("headers", []) if k == b"x-forwarded-for"]
+        proto = [v for k, v in scope.get("headers", []) if k == b"x-forwarded-proto"]
+        return self._forwarded(scope, forwarded_for, proto[0] if proto else None)
+
+    def _forwarded(
+        self, scope: Scope, forwarded_for: list[bytes], forwarded_proto: bytes | None
+    ) -> Headers:
         client = scope.get("client")
         peer = str(client[0]).encode() if client else b"unknown"
         scheme = str(scope.get("scheme", "http")).encode()
         if self.settings.x_forwarded:
-            out.append((b"x-forwarded-for", b", ".join([*forwarded_for, peer])))
-            out.append((b"x-forwarded-proto", forwarded_proto or scheme))
-        else:
-            out.append((b"x-forwarded-for", peer))
-            out.append((b"x-forwarded-proto", scheme))
-        return out
+            return [
+                (b"x-forwarded-for", b", ".join([*forwarded_for, peer])),
+                (b"x-forwarded-proto", forwarded_proto or scheme),
+            ]
+        return [(b"x-forwarded-for", peer), (b"x-forwarded-proto", scheme)]
 
     # --- streaming passthrough -------------------------------------------------------------
 

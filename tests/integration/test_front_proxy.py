@@ -414,3 +414,17 @@ def test_synapse_sees_the_client_address_on_both_routes(
     path = f"/_matrix/federation/v1/make_join/{quote(public, safe='')}/{quote(user, safe='')}"
     assert front_proxy.upstream_of(f"GET {path}?ver=10 HTTP/1.1") == "gateway"
     assert synapse_client_address(stack, quote(user, safe="")) == CLIENT_ADDRESS
+
+    # A v3 invite: the gateway writes the v2 request Synapse gets, with the same address.
+    invitee = new_user()
+    room = make_remote_room("11", remote_server.server_name, remote_server.signing_key)
+    invite = room.make_invite(invitee.user_id)
+    with httpx.Client(
+        base_url=front_proxy.url, transport=transport, headers=spoofed, timeout=TIMEOUT
+    ) as client:
+        answer = send_v3_invite(
+            remote_server, client, stack, room.room_id, v3_invite_body(room, invite)
+        )
+    assert answer.status_code == 200, answer.text
+    v2_path = f"/_matrix/federation/v2/invite/{quote(room.room_id, safe='')}"
+    assert synapse_client_address(stack, v2_path) == CLIENT_ADDRESS
