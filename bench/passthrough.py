@@ -6,17 +6,18 @@ through nginx alone.
 
 Starts, in one run on this machine, a real Synapse (SQLite, loopback) with the gateway in
 front (the demo's stack, one gateway worker), a second gateway in front of the same Synapse
-with ``public.workers = "auto"`` (one worker per core), nginx as a plain reverse proxy to
-Synapse, and nginx configured by ``gateway proxy-config --for nginx`` (front-proxy mode:
-owned endpoints to the gateway, the rest straight to Synapse). Each nginx runs one worker
-with kept-alive upstream connections. For a small federation GET
+with ``public.workers = "auto"`` (one worker per core), a third one on Hypercorn
+(``public.http_server = "hypercorn"``, the baseline for the built-in HTTP/1.1 server), nginx
+as a plain reverse proxy to Synapse, and nginx configured by ``gateway proxy-config --for
+nginx`` (front-proxy mode: owned endpoints to the gateway, the rest straight to Synapse).
+Each nginx runs one worker with kept-alive upstream connections. For a small federation GET
 (``/_matrix/federation/v1/version``, not owned: front-proxy mode sends it straight to
-Synapse) it measures, for each of the five:
+Synapse) it measures, for each of the six:
 
 - throughput: ``wrk`` (one thread, a fixed number of keep-alive connections, a fixed
   duration, after a short warm-up), requests per second;
 - latency: a sequential keep-alive client in its own process (raw sockets, one request at a
-  time, the three targets taking turns), p50 and p99;
+  time, the targets taking turns), p50 and p99;
 - CPU per request: user + system CPU time the server processes spent during the wrk run,
   divided by the requests served. On a shared two-core machine this is the steadier
   measure of cost: the gateway's column is what it adds to Synapse's.
@@ -48,6 +49,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -147,16 +149,17 @@ def front_proxy_process(
     return nginx_service(nginx, directory, snippet, ready_url=f"http://127.0.0.1:{port}{PATH}")
 
 
-def auto_workers_gateway(stack: Stack, directory: Path) -> tuple[ServiceProcess, str]:
-    """A second gateway in front of the stack's Synapse with ``public.workers = "auto"``
-    (its own ports and database, no outbound listener); returns it and its public URL."""
+def extra_gateway(stack: Stack, directory: Path, **public: Any) -> tuple[ServiceProcess, str]:
+    """Another gateway in front of the stack's Synapse, with ``public`` settings on top of
+    the stack's (its own ports and database, no outbound listener); returns it and its
+    public URL."""
     directory.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in stack.gateway_config.items()}
     public_port, internal_port = free_port(), free_port()
     config["public"] = {
         **config["public"],
         "bind": f"127.0.0.1:{public_port}",
-        "workers": "auto",
+        **public,
     }
     config["internal"] = {"bind": f"127.0.0.1:{internal_port}"}
     config["notary"] = {**config["notary"], "state_dir": str(stack.data_dir / "state")}
@@ -386,18 +389,18 @@ def measure(
 
 
 def report(results: list[Result], connections: int, seconds: float, requests: int) -> str:
-    direct, gateway, auto, nginx, front = results
+    direct, gateway, auto, nginx, front, *more = results
     lines = [
         f"GET {PATH}: wrk {connections} connections x {seconds:.0f} s; "
         f"sequential client {requests} requests per target, in {LATENCY_ROUNDS} turns",
         "",
-        f"{'':34}{'req/s':>9}{'wrk p50':>9}{'wrk p99':>9}{'seq p50':>9}{'seq p99':>9}"
+        f"{'':38}{'req/s':>9}{'wrk p50':>9}{'wrk p99':>9}{'seq p50':>9}{'seq p99':>9}"
         f"{'CPU/req':>10}{'errors':>8}",
-        f"{'':34}{'':>9}{'ms':>9}{'ms':>9}{'ms':>9}{'ms':>9}{'us':>10}{'':>8}",
+        f"{'':38}{'':>9}{'ms':>9}{'ms':>9}{'ms':>9}{'ms':>9}{'us':>10}{'':>8}",
     ]
     for r in results:
         lines.append(
-            f"{r.name:34}{r.rps:9.0f}{r.wrk_p50_ms:9.2f}{r.wrk_p99_ms:9.2f}"
+            f"{r.name:38}{r.rps:9.0f}{r.wrk_p50_ms:9.2f}{r.wrk_p99_ms:9.2f}"
             f"{r.p50_ms:9.3f}{r.p99_ms:9.3f}{r.cpu_us:10.0f}{r.errors:8d}"
         )
     lines.append("")
@@ -412,12 +415,14 @@ def report(results: list[Result], connections: int, seconds: float, requests: in
             f"   CPU/req {row.cpu_us / other.cpu_us:5.2f}"
         )
 
-    for row in (front, gateway, auto):
+    for row in (front, gateway, auto, *more):
         lines.append(ratio(row, nginx))
-    for row in (nginx, front, gateway, auto):
+    for row in (nginx, front, gateway, auto, *more):
         lines.append(ratio(row, direct))
+    for row in more:
+        lines.append(ratio(gateway, row))
     lines.append("")
-    for row in (nginx, front, gateway, auto):
+    for row in (nginx, front, gateway, auto, *more):
         lines.append(
             f"{row.name.split(' ', 1)[1]} adds {row.p50_ms - direct.p50_ms:.3f} ms at the median; "
             f"CPU per request {(row.cpu_us - direct.cpu_us) / direct.cpu_us:+.0%} of Synapse's"
@@ -459,24 +464,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     stack_processes: StackProcesses | None = None
     extra: list[ServiceProcess] = []
     try:
-        print(f"starting Synapse, two gateways and two nginx (data in {data_dir}) ...", flush=True)
+        print(
+            f"starting Synapse, three gateways and two nginx (data in {data_dir}) ...", flush=True
+        )
         stack = prepare_stack(data_dir / "stack", port=free_port(), log_format="json")
         stack_processes = StackProcesses(stack)
-        auto_gateway, auto_url = auto_workers_gateway(stack, data_dir / "auto")
+        auto_gateway, auto_url = extra_gateway(stack, data_dir / "auto", workers="auto")
+        hypercorn_gateway, hypercorn_url = extra_gateway(
+            stack, data_dir / "hypercorn", http_server="hypercorn"
+        )
         nginx_port, front_port = free_port(), free_port()
         nginx_proc = nginx_process(nginx, data_dir / "nginx", nginx_port, stack.homeserver_url)
         front_proc = front_proxy_process(
             nginx, data_dir / "front", front_port, stack.gateway_config_path
         )
         stack_processes.start()
-        for process in (auto_gateway, nginx_proc, front_proc):
+        for process in (auto_gateway, hypercorn_gateway, nginx_proc, front_proc):
             extra.append(process)
             process.start()
             process.wait_until_ready(timeout=60)
         synapse_pid = stack_processes.synapse.pid
         gateway_pid = stack_processes.gateway.pid
         assert synapse_pid and gateway_pid
-        assert auto_gateway.pid and nginx_proc.pid and front_proc.pid
+        assert auto_gateway.pid and nginx_proc.pid and front_proc.pid and hypercorn_gateway.pid
 
         common = {
             "wrk": wrk,
@@ -494,12 +504,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [synapse_pid, front_proc.pid, gateway_pid],
                 None,
             ),
+            (
+                "(f) gateway on Hypercorn, 1 worker",
+                hypercorn_url,
+                [synapse_pid, hypercorn_gateway.pid],
+                None,
+            ),
         ]
         results = []
         for name, url, pids, profile in targets:
             print(f"throughput of {name} ...", flush=True)
             results.append(measure(name, url, pids, profile=profile, **common))
-        print("latency, the five taking turns ...", flush=True)
+        print(f"latency, the {len(targets)} taking turns ...", flush=True)
         measure_latencies(results, [url for _, url, _, _ in targets], args.requests)
         print()
         print(report(results, args.connections, args.duration, args.requests))
