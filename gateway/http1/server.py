@@ -454,6 +454,9 @@ class _Server:
                     return
                 connection.stream = tls
             await self._serve(connection, client, server)
+        except Exception:
+            # A bug here must cost one connection, never the listener.
+            _log.exception("HTTP/1.1 connection failed")
         finally:
             self.connections.discard(connection)
             if self.stopping and not self.connections:

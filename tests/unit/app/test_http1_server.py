@@ -80,6 +80,12 @@ class Recorder:
             assert message["type"] == "http.disconnect"
             self.disconnects += 1
             return
+        if path == b"/boom":
+            raise RuntimeError("a bug in the application")
+        if path == b"/boom-late":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"par", "more_body": True})
+            raise RuntimeError("a bug in the application, half way through")
         if path == b"/wait":
             await trio.sleep(0.5)
         answer = json.dumps({"method": seen.method, "length": len(body)}).encode()
@@ -412,6 +418,23 @@ def test_a_connection_without_a_complete_head_is_closed_unanswered(server: Runni
     assert KEEP_ALIVE * 0.8 < waited < KEEP_ALIVE + 2
     with connect(server.port) as s:
         assert read_all(s) == b""  # idle from the start
+
+
+def test_an_application_that_fails_costs_one_answer_not_the_listener(server: Running) -> None:
+    with connect(server.port) as s:
+        s.sendall(get("/boom"))
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 500"), answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["errcode"] == "M_UNKNOWN"
+    with connect(server.port) as s:
+        s.sendall(get("/boom-late"))
+        answer = read_all(s)
+    # The head was out: the answer ends short (no last chunk), the connection with it.
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"3\r\npar\r\n"), answer
+    with connect(server.port) as s:
+        s.sendall(get())
+        head, _ = read_answer(s, bytearray())
+    assert head.startswith(b"HTTP/1.1 200")
 
 
 def test_graceful_shutdown_finishes_the_answer_in_progress() -> None:
