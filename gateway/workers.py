@@ -3,7 +3,8 @@
 With several workers the supervisor binds both listening sockets, then starts the workers
 (``spawn``, so each gets a fresh interpreter) and hands them the sockets; the kernel spreads
 new connections over the workers that accept on them. Each worker serves the public and the
-internal listener with Hypercorn's Trio worker.
+internal listener (the public one with the built-in HTTP/1.1 server or Hypercorn, the others
+with Hypercorn's Trio worker).
 
 Stopping: SIGINT or SIGTERM to the supervisor sets a shared event; workers finish the
 requests in flight (a few seconds at most) and exit. Workers ignore SIGINT (a terminal's

@@ -203,7 +203,7 @@ class UpstreamPool:
     gateway's time.)
 
     There is no upper bound on open connections: each client request holds at most one,
-    so the client side (Hypercorn) already bounds them.
+    so the server side (the public listener's connections) already bounds them.
     """
 
     def __init__(

@@ -6,7 +6,7 @@ run too), a keyring that knows only ``REMOTE``'s key (other origins are refused 
 as an unreachable server would be), a 1 MiB body limit and a 3 s request timeout.
 
 Its logs are watched while it runs (:class:`LogWatch`): structlog events and records of the
-standard library's logging (Hypercorn), so a test can say "no traceback".
+standard library's logging (the HTTP servers'), so a test can say "no traceback".
 """
 
 from __future__ import annotations
@@ -370,9 +370,9 @@ class GatewayProcess:
 
 
 @contextmanager
-def gateway_process(tmp_path: Path) -> Iterator[GatewayProcess]:
+def gateway_process(tmp_path: Path, http_server: str = "builtin") -> Iterator[GatewayProcess]:
     """Starts ``python -m tests.robustness.harness`` in ``tmp_path`` with a fresh remote key
-    and stops it on exit."""
+    (and ``public.http_server``) and stops it on exit."""
     remote_key = signedjson.key.generate_signing_key("r1")
     seed = signedjson.key.encode_signing_key_base64(remote_key)
     log_path = tmp_path / "gateway.log"
@@ -380,7 +380,7 @@ def gateway_process(tmp_path: Path) -> Iterator[GatewayProcess]:
     root = Path(__file__).resolve().parent.parent.parent
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "tests.robustness.harness", str(tmp_path), seed],
+            [sys.executable, "-m", "tests.robustness.harness", str(tmp_path), seed, http_server],
             cwd=root,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -410,9 +410,11 @@ def gateway_process(tmp_path: Path) -> Iterator[GatewayProcess]:
             process.wait(5)
 
 
-async def _serve_until_stopped(tmp_path: Path, remote_key: SigningKey) -> None:
+async def _serve_until_stopped(tmp_path: Path, remote_key: SigningKey, http_server: str) -> None:
     async with trio.open_nursery() as nursery:
-        async with gateway_for_hostile_traffic(nursery, tmp_path, remote_key=remote_key) as gateway:
+        async with gateway_for_hostile_traffic(
+            nursery, tmp_path, remote_key=remote_key, public={"http_server": http_server}
+        ) as gateway:
             info = {
                 "public_url": gateway.listening.public_url,
                 "internal_url": gateway.listening.internal_url,
@@ -425,12 +427,14 @@ async def _serve_until_stopped(tmp_path: Path, remote_key: SigningKey) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m tests.robustness.harness DIR REMOTE_KEY_SEED``: serves until SIGINT."""
+    """``python -m tests.robustness.harness DIR REMOTE_KEY_SEED [HTTP_SERVER]``: serves
+    until SIGINT."""
     directory, seed = Path(argv[0]), argv[1]
+    http_server = argv[2] if len(argv) > 2 else "builtin"
     configure_logging("json", "info", stream=sys.stderr)
     remote_key = signedjson.key.decode_signing_key_base64("ed25519", "r1", seed)
     try:
-        trio.run(_serve_until_stopped, directory, remote_key)
+        trio.run(_serve_until_stopped, directory, remote_key, http_server)
     except KeyboardInterrupt:
         pass
     return 0

@@ -1160,8 +1160,8 @@ class Generator:
             ),
         ]
         if rng.random() < 0.03:
-            # HTTP/2 with prior knowledge: Hypercorn switches protocol and waits for frames.
-            # Nothing HTTP/1 comes back; the gateway must just go on serving.
+            # HTTP/2 with prior knowledge: the built-in server refuses it (400); Hypercorn
+            # switches protocol and waits for frames. Either way the gateway goes on serving.
             return HostileRequest(
                 "http_head", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", aim="raw", answers=0, fresh=True
             )

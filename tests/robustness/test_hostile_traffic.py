@@ -9,8 +9,8 @@ What must hold:
 
 * no 500 (the gateway failing), no reset connection, no exchange left without an answer in
   the time allowed, no answer cut short;
-* the only other 5xx is 501, Hypercorn's answer to a transfer coding it does not implement
-  (``Transfer-Encoding: gzip``), which RFC 9112 section 6.1 asks for;
+* the only other 5xx is 501, the listener's answer to a transfer coding it does not
+  implement (``Transfer-Encoding: gzip``), which RFC 9112 section 6.1 asks for;
 * every error of an owned route is a Matrix error (JSON with ``errcode``);
 * afterwards a valid v3 invite is delivered, a client request and ``/health`` answer 200;
 * no traceback, and no error, in the gateway's log.
@@ -43,9 +43,12 @@ SEED = 20261203
 REQUESTS = 10_000
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    with gateway_process(tmp_path_factory.mktemp("hostile")) as running:
+@pytest.fixture(scope="module", params=["builtin", "hypercorn"])
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[GatewayProcess]:
+    """The gateway with each HTTP server the public listener can run (public.http_server)."""
+    with gateway_process(tmp_path_factory.mktemp("hostile"), request.param) as running:
         yield running
 
 
