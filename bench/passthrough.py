@@ -2,6 +2,7 @@
 through nginx alone.
 
     python bench/passthrough.py [--duration 10] [--connections 32] [--requests 3000]
+                                [--upstream-parser {hand-written,both}]
                                 [--profile gateway.svg] [--keep]
 
 Starts, in one run on this machine, a real Synapse (SQLite, loopback) with the gateway in
@@ -12,7 +13,7 @@ as a plain reverse proxy to Synapse, and nginx configured by ``gateway proxy-con
 nginx`` (front-proxy mode: owned endpoints to the gateway, the rest straight to Synapse).
 Each nginx runs one worker with kept-alive upstream connections. For a small federation GET
 (``/_matrix/federation/v1/version``, not owned: front-proxy mode sends it straight to
-Synapse) it measures, for each of the six:
+Synapse) it measures, for each of the six (seven with ``--upstream-parser both``):
 
 - throughput: ``wrk`` (one thread, a fixed number of keep-alive connections, a fixed
   duration, after a short warm-up), requests per second;
@@ -23,7 +24,16 @@ Synapse) it measures, for each of the six:
   measure of cost: the gateway's column is what it adds to Synapse's.
 
 and prints a table, the ratios to nginx alone and to Synapse direct, and the median latency
-each adds. ``nginx`` and ``wrk`` come from Debian; when missing they are installed with
+each adds.
+
+``--upstream-parser both`` adds a row: one more gateway (one worker, built-in server) whose
+client to the homeserver parses responses with h11 instead of the hand-written parser of
+``gateway/http1/client.py``, started through ``bench/h11_upstream.py`` (which swaps the pool
+class before running the gateway's command line); its ratio to (b) compares the two parsers
+under the same pool (its throughput is measured right after (b)'s). ``hand-written`` (the
+default) measures only the parser in use.
+
+``nginx`` and ``wrk`` come from Debian; when missing they are installed with
 ``apt-get`` (this needs root). ``--profile`` records the gateway with ``py-spy`` during its
 throughput run (``pip install py-spy``). Every process started here is stopped at the end,
 also on Ctrl-C.
@@ -149,10 +159,13 @@ def front_proxy_process(
     return nginx_service(nginx, directory, snippet, ready_url=f"http://127.0.0.1:{port}{PATH}")
 
 
-def extra_gateway(stack: Stack, directory: Path, **public: Any) -> tuple[ServiceProcess, str]:
+def extra_gateway(
+    stack: Stack, directory: Path, *, launcher: Path | None = None, **public: Any
+) -> tuple[ServiceProcess, str]:
     """Another gateway in front of the stack's Synapse, with ``public`` settings on top of
     the stack's (its own ports and database, no outbound listener); returns it and its
-    public URL."""
+    public URL. ``launcher`` is a script run instead of ``python -m gateway`` (it takes the
+    gateway's command line)."""
     directory.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in stack.gateway_config.items()}
     public_port, internal_port = free_port(), free_port()
@@ -171,11 +184,18 @@ def extra_gateway(stack: Stack, directory: Path, **public: Any) -> tuple[Service
     config.pop("outbound", None)
     config_path = directory / "gateway.toml"
     config_path.write_text(to_toml(config))
-    process = gateway_process(
-        config_path,
-        ready_url=f"https://127.0.0.1:{internal_port}/health",
-        log_path=directory / "gateway.log",
-    )
+    ready_url = f"https://127.0.0.1:{internal_port}/health"
+    log_path = directory / "gateway.log"
+    if launcher is None:
+        process = gateway_process(config_path, ready_url=ready_url, log_path=log_path)
+    else:
+        process = ServiceProcess(
+            f"the gateway ({launcher.name})",
+            [sys.executable, str(launcher), "run", "--config", str(config_path)],
+            ready_url=ready_url,
+            console_path=log_path,
+            cwd=config_path.parent,
+        )
     return process, f"http://127.0.0.1:{public_port}"
 
 
@@ -446,6 +466,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of wrk per target")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections")
     parser.add_argument("--requests", type=int, default=3000, help="sequential requests")
+    parser.add_argument(
+        "--upstream-parser",
+        choices=("hand-written", "both"),
+        default="hand-written",
+        help="'both': one more gateway row, with h11 parsing the homeserver's responses",
+    )
     parser.add_argument("--profile", type=Path, help="py-spy output for the gateway (.svg/.txt)")
     parser.add_argument("--keep", action="store_true", help="keep the data directory and logs")
     parser.add_argument("--latency-client", nargs=4, help=argparse.SUPPRESS)
@@ -464,22 +490,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     stack_processes: StackProcesses | None = None
     extra: list[ServiceProcess] = []
     try:
-        print(
-            f"starting Synapse, three gateways and two nginx (data in {data_dir}) ...", flush=True
-        )
+        with_h11 = args.upstream_parser == "both"
+        gateways = "four gateways" if with_h11 else "three gateways"
+        print(f"starting Synapse, {gateways} and two nginx (data in {data_dir}) ...", flush=True)
         stack = prepare_stack(data_dir / "stack", port=free_port(), log_format="json")
         stack_processes = StackProcesses(stack)
         auto_gateway, auto_url = extra_gateway(stack, data_dir / "auto", workers="auto")
         hypercorn_gateway, hypercorn_url = extra_gateway(
             stack, data_dir / "hypercorn", http_server="hypercorn"
         )
+        h11_gateway: ServiceProcess | None = None
+        if with_h11:
+            h11_gateway, h11_url = extra_gateway(
+                stack, data_dir / "h11", launcher=Path(__file__).with_name("h11_upstream.py")
+            )
         nginx_port, front_port = free_port(), free_port()
         nginx_proc = nginx_process(nginx, data_dir / "nginx", nginx_port, stack.homeserver_url)
         front_proc = front_proxy_process(
             nginx, data_dir / "front", front_port, stack.gateway_config_path
         )
         stack_processes.start()
-        for process in (auto_gateway, hypercorn_gateway, nginx_proc, front_proc):
+        others = [auto_gateway, hypercorn_gateway, nginx_proc, front_proc]
+        for process in [*others, h11_gateway] if h11_gateway else others:
             extra.append(process)
             process.start()
             process.wait_until_ready(timeout=60)
@@ -511,10 +543,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 None,
             ),
         ]
-        results = []
-        for name, url, pids, profile in targets:
+        if h11_gateway is not None:
+            assert h11_gateway.pid
+            targets.append(
+                ("(g) gateway, h11 parser", h11_url, [synapse_pid, h11_gateway.pid], None)
+            )
+        # The h11 row's throughput is measured right after (b)'s, so that a change in the
+        # load other programs put on the machine falls on both parsers alike.
+        order = list(range(len(targets)))
+        if h11_gateway is not None:
+            order.insert(2, order.pop())
+        measured: dict[int, Result] = {}
+        for i in order:
+            name, url, pids, profile = targets[i]
             print(f"throughput of {name} ...", flush=True)
-            results.append(measure(name, url, pids, profile=profile, **common))
+            measured[i] = measure(name, url, pids, profile=profile, **common)
+        results = [measured[i] for i in range(len(targets))]
         print(f"latency, the {len(targets)} taking turns ...", flush=True)
         measure_latencies(results, [url for _, url, _, _ in targets], args.requests)
         print()
