@@ -158,9 +158,6 @@ class UpstreamResponse:
 
     def _frame(self, method: bytes) -> None:
         """Decides how the body is delimited (RFC 9112 §6.3)."""
-        if method == b"HEAD" or self.status in _NO_BODY_STATUS:
-            self.complete = self.bodyless = True
-            return
         coding = b""
         lengths: set[bytes] = set()
         for k, v in self.headers:
@@ -170,6 +167,9 @@ class UpstreamResponse:
                 lengths.add(v.strip())
             elif k == b"connection" and b"close" in v.lower():
                 self.keep_alive = False
+        if method == b"HEAD" or self.status in _NO_BODY_STATUS:
+            self.complete = self.bodyless = True
+            return
         if coding:
             # RFC 9112 6.3: Transfer-Encoding overrides Content-Length, which an
             # intermediary must remove; such a message also ends the connection.
@@ -338,6 +338,7 @@ class UpstreamPool:
                 or len(status_line[1]) != 3
                 or not status_line[1].isdigit()
                 or status_line[1] < b"100"
+                or (len(status_line) == 3 and BAD_VALUE.search(status_line[2]))
             ):
                 raise UpstreamError("protocol_error")
             status = int(status_line[1])
