@@ -123,6 +123,7 @@ class _Request:
         "connection",
         "declared",
         "delivered",
+        "disconnected",
         "expect_continue",
         "head",
         "http10",
@@ -143,6 +144,7 @@ class _Request:
         self.more_body = False
         self.bad_body: str | None = None
         self.delivered = False
+        self.disconnected = False
         self.body_left = 0
         self.chunked: ChunkedDecoder | None = None
         self.expect_continue = False
@@ -157,6 +159,8 @@ class _Request:
 
     async def receive(self) -> Message:
         connection = self.connection
+        if self.disconnected:
+            return {"type": "http.disconnect"}
         if not self.more_body:
             if not self.delivered:
                 # No body at all: one empty http.request, as ASGI has it.
@@ -164,6 +168,7 @@ class _Request:
                 return {"type": "http.request", "body": b"", "more_body": False}
             # The body is over: what is left is to learn that the client went away.
             await connection.wait_closed()
+            self.disconnected = True
             return {"type": "http.disconnect"}
         if self.expect_continue:
             self.expect_continue = False
@@ -178,6 +183,7 @@ class _Request:
                     # Answered with a 400 once the application gives up on the body.
                     self.keep_alive = self.more_body = False
                     self.bad_body = "Malformed chunked body"
+                    self.disconnected = True
                     return {"type": "http.disconnect"}
                 if self.chunked.done:
                     self.more_body = False
@@ -195,6 +201,7 @@ class _Request:
                 # the connection, it may still read: it gets a 400.
                 self.keep_alive = self.more_body = False
                 self.bad_body = "Incomplete request body"
+                self.disconnected = True
                 return {"type": "http.disconnect"}
 
     async def send(self, message: Message) -> None:
@@ -202,8 +209,8 @@ class _Request:
         if kind == "http.response.start":
             if self.response_started:
                 raise RuntimeError("the response has already started")
-            self.response_started = True
             self._start(int(message["status"]), message.get("headers", ()))
+            self.response_started = True
         elif kind == "http.response.body":
             if not self.response_started or self.response_done:
                 raise RuntimeError("no response to send a body for")
@@ -213,6 +220,12 @@ class _Request:
             self.head = b""
             if body and self.writes_body:
                 self.sent += len(body)
+                if self.declared is not None and self.sent > self.declared:
+                    # More than the head announced would reach the client as the start
+                    # of another answer: nothing of it is written, the connection ends.
+                    self.keep_alive = False
+                    self.connection.broken = True
+                    raise RuntimeError("a response body longer than its Content-Length")
                 if self.response_chunked:
                     out += b"%x\r\n%b\r\n" % (len(body), body)
                 else:
@@ -233,28 +246,35 @@ class _Request:
             # The body is not read to its end (or the server is stopping): the connection
             # cannot carry another request.
             self.keep_alive = False
-        head = bytearray(_STATUS_LINES.get(status) or _status_line(status))
+        if not 200 <= status < 600:
+            raise ValueError(f"cannot answer with status {status}")
+        head = bytearray(_STATUS_LINES[status])
         declared: int | None = None
-        chunked = False
+        streamed = False
         for name, value in headers:
             name = bytes(name).lower()
             value = bytes(value)
             if not TOKEN.fullmatch(name) or BAD_VALUE.search(value):
                 raise ValueError("a response header cannot be written as HTTP/1.1")
+            # The framing headers are the server's to write, once, below.
             if name == b"content-length":
+                if not value.isdigit() or (declared is not None and int(value) != declared):
+                    raise ValueError("a malformed Content-Length in the response")
                 declared = int(value)
             elif name == b"transfer-encoding":
-                chunked = True
+                streamed = True
             elif name == b"connection":
                 if b"close" in value.lower():
                     self.keep_alive = False
-                continue  # written below, once
-            head += name + b": " + value + b"\r\n"
+            else:
+                head += name + b": " + value + b"\r\n"
+        if streamed:
+            declared = None  # a coding overrides a length (RFC 9112 §6.3)
         self.writes_body = connection.method != b"HEAD" and status not in _NO_BODY_STATUS
-        if chunked:
-            self.response_chunked = self.writes_body
-        elif declared is not None:
+        if declared is not None:
             self.declared = declared
+            if status != 204:  # RFC 9110 §8.6: never in a 204
+                head += b"content-length: %d\r\n" % declared
         elif self.writes_body:
             if self.http10:
                 self.keep_alive = False  # the body ends where the connection does
@@ -312,6 +332,10 @@ class _Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             self.broken = True
             raise trio.BrokenResourceError("the client has gone away") from e
+        except BaseException:
+            # Cancelled from outside: part of ``data`` may be out, nothing more may follow.
+            self.broken = True
+            raise
         if scope.cancelled_caught:
             self.broken = True
             raise trio.BrokenResourceError("the client stopped reading")
@@ -391,7 +415,8 @@ def _frame_request(request: _Request, headers: Headers) -> None:
             elif request.http10 and b"keep-alive" not in tokens:
                 request.keep_alive = False
         elif name == b"expect":
-            if value.lower() == b"100-continue":
+            # RFC 9110 §10.1.1: ignored in an HTTP/1.0 request.
+            if value.lower() == b"100-continue" and not request.http10:
                 request.expect_continue = True
     if request.http10 and not any(k == b"connection" for k, _ in headers):
         request.keep_alive = False
@@ -546,7 +571,8 @@ class _Server:
             if connection.broken:
                 connection.socket.close()
                 return
-            if not request.response_started:
+            if not request.response_started or request.head:
+                # No answer yet, or only a head the application never followed with a body.
                 if request.bad_body is not None:
                     answer = _Refused(400, request.bad_body)
                 else:

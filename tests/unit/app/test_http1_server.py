@@ -44,6 +44,8 @@ class Recorder:
 
     seen: list[Seen] = field(default_factory=list)
     disconnects: int = 0
+    #: what receive() said when asked again after a disconnect
+    after_disconnect: list[str] = field(default_factory=list)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         body = b""
@@ -51,6 +53,7 @@ class Recorder:
             message = await receive()
             if message["type"] == "http.disconnect":
                 self.disconnects += 1
+                self.after_disconnect.append((await receive())["type"])
                 return
             body += message.get("body", b"")
             if not message.get("more_body", False):
@@ -79,6 +82,24 @@ class Recorder:
             message = await receive()
             assert message["type"] == "http.disconnect"
             self.disconnects += 1
+            return
+        if path == b"/too-long":
+            headers = [(b"content-length", b"2")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            fake = b"okHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!"
+            await send({"type": "http.response.body", "body": fake})
+            return
+        if path == b"/bad-header":
+            headers = [(b"x-evil", b"a\r\nx-injected: 1")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            return
+        if path == b"/head-only":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            raise RuntimeError("a bug after the head")
+        if path == b"/no-content":
+            headers = [(b"content-length", b"0"), (b"x-a", b"1")]
+            await send({"type": "http.response.start", "status": 204, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
             return
         if path == b"/boom":
             raise RuntimeError("a bug in the application")
@@ -435,6 +456,53 @@ def test_an_application_that_fails_costs_one_answer_not_the_listener(server: Run
         s.sendall(get())
         head, _ = read_answer(s, bytearray())
     assert head.startswith(b"HTTP/1.1 200")
+
+
+def test_a_body_longer_than_its_content_length_never_reaches_the_client(server: Running) -> None:
+    with connect(server.port) as s:
+        s.sendall(get("/too-long") + get("/after"))
+        answer = read_all(s)
+    # Nothing of the body goes out (the head waits for it), and no second answer follows:
+    # the pipelined request behind it is not served on this connection.
+    assert b"EVIL" not in answer and answer.count(b"HTTP/1.1 ") <= 1, answer
+
+
+@pytest.mark.parametrize("path", ["/bad-header", "/head-only"])
+def test_an_answer_the_application_could_not_start_becomes_a_500(
+    server: Running, path: str
+) -> None:
+    with connect(server.port) as s:
+        s.sendall(get(path))
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 500"), answer
+    assert b"x-injected" not in answer.lower()
+
+
+def test_a_204_carries_no_content_length(server: Running) -> None:
+    with connect(server.port) as s:
+        s.sendall(get("/no-content") + get("/after"))
+        buffer = bytearray()
+        while buffer.count(b"\r\n\r\n") < 2:
+            buffer += s.recv(65536)
+    first, second = bytes(buffer).split(b"\r\n\r\n", 1)
+    assert first.startswith(b"HTTP/1.1 204") and b"x-a: 1" in first
+    assert b"content-length" not in first.lower()
+    assert second.startswith(b"HTTP/1.1 200"), second
+
+
+def test_http10_gets_no_100_continue(server: Running) -> None:
+    with connect(server.port) as s:
+        s.sendall(b"PUT /e HTTP/1.0\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\nbody")
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+
+
+def test_receive_keeps_saying_disconnect(server: Running) -> None:
+    before = len(server.app.after_disconnect)
+    with connect(server.port) as s:
+        s.sendall(b"PUT /cut HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        assert read_all(s).startswith(b"HTTP/1.1 400")
+    assert server.app.after_disconnect[before:] == ["http.disconnect"]
 
 
 def test_graceful_shutdown_finishes_the_answer_in_progress() -> None:
