@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -20,10 +21,11 @@ from typing import Any
 import h11
 import pytest
 import trio
+import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.http1.server import ServerSettings, serve_http1
+from gateway.http1.server import ServerSettings, serve_http1, tls_context
 
 KEEP_ALIVE = 1.0
 
@@ -135,7 +137,7 @@ def server() -> Iterator[Running]:
     yield from _running()
 
 
-def _running() -> Iterator[Running]:
+def _running(ssl_context: ssl.SSLContext | None = None) -> Iterator[Running]:
     app = Recorder()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -157,6 +159,7 @@ def _running() -> Iterator[Running]:
                     app,
                     sock,
                     settings=settings,
+                    ssl_context=ssl_context,
                     shutdown_trigger=stop.wait,
                     task_status=task_status,
                 )
@@ -676,3 +679,32 @@ def test_a_mutated_request_the_server_takes_is_read_as_h11_reads_it(
     # follows: a stray byte after the last request, say).
     assert len(ours) <= len(theirs), f"taken here, refused by h11: {mutated!r}"
     assert comparable(ours) == comparable(theirs[: len(ours)]), mutated
+
+
+# --- TLS -----------------------------------------------------------------------------------
+
+
+def test_tls_serves_http11_only_and_drops_a_silent_handshake(tmp_path: Any) -> None:
+    authority = trustme.CA()
+    certificate = authority.issue_cert("gateway.test")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certificate.cert_chain_pems[0].write_to_path(cert_path)
+    certificate.private_key_pem.write_to_path(key_path)
+    client_context = ssl.create_default_context()
+    authority.configure_trust(client_context)
+    client_context.set_alpn_protocols(["h2", "http/1.1"])
+    for running in _running(tls_context(str(cert_path), str(key_path))):
+        with client_context.wrap_socket(connect(running.port), server_hostname="gateway.test") as s:
+            # A peer that offers HTTP/2 first is answered in HTTP/1.1.
+            assert s.selected_alpn_protocol() == "http/1.1"
+            buffer = bytearray()
+            for path in ("/one", "/two"):
+                s.sendall(get(path))
+                head, body = read_answer(s, buffer)
+                assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["method"] == "GET"
+        assert [x.raw_path for x in running.app.seen] == [b"/one", b"/two"]
+        # A connection that never starts its handshake is closed at the keep-alive timeout.
+        with connect(running.port) as silent:
+            started = time.monotonic()
+            assert read_all(silent) == b""
+            assert time.monotonic() - started < KEEP_ALIVE + 2
