@@ -541,6 +541,22 @@ def hypercorn_config(
     return hc
 
 
+def _refused_by_listener(
+    services: Services, status: int, reason: str, client: tuple[str, int] | None
+) -> None:
+    """A request the built-in server answered itself (malformed, too large a head): one log
+    line and the request metric, as for any other request."""
+    services.metrics.observe_request("http_refused", status, 0.0)
+    _log.info(
+        "request refused",
+        request_id=new_request_id(),
+        route="http_refused",
+        status=status,
+        reason=reason,
+        client=client[0] if client else None,
+    )
+
+
 def public_server_settings(config: GatewayConfig) -> ServerSettings:
     """The built-in server's settings for the public listener (as Hypercorn's above)."""
     return ServerSettings(
@@ -656,6 +672,7 @@ async def serve(
                                 else None
                             ),
                             shutdown_trigger=stop.wait,
+                            on_refused=partial(_refused_by_listener, services),
                         )
                     )
                 else:

@@ -64,6 +64,9 @@ Application = Callable[
     Awaitable[None],
 ]
 
+#: Told of each answer the server gives itself: (status, reason, client address).
+OnRefused = Callable[[int, str, "tuple[str, int] | None"], None]
+
 _READ_SIZE = 64 * 1024
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 1024 * 1024
@@ -295,6 +298,7 @@ class _Connection:
     __slots__ = (
         "broken",
         "buffer",
+        "client",
         "closing",
         "idle_scope",
         "method",
@@ -308,6 +312,7 @@ class _Connection:
         self.socket = sock
         self.buffer = bytearray()
         self.broken = False
+        self.client: tuple[str, int] | None = None
         self.closing = False
         self.idle_scope: trio.CancelScope | None = None
         self.method = b""
@@ -447,7 +452,9 @@ class _Server:
         settings: ServerSettings,
         scheme: str,
         ssl_context: ssl.SSLContext | None,
+        on_refused: OnRefused | None = None,
     ) -> None:
+        self.on_refused = on_refused
         self.app = app
         self.settings = settings
         self.scheme = scheme
@@ -466,6 +473,7 @@ class _Server:
                 server = _address(sock.getsockname())
             except OSError:
                 return
+            connection.client = client
             if self.ssl_context is not None:
                 tls = trio.SSLStream(tcp, self.ssl_context, server_side=True, https_compatible=True)
                 handshaken = False
@@ -587,6 +595,11 @@ class _Server:
                 return
 
     async def _refuse(self, connection: _Connection, refused: _Refused) -> None:
+        if self.on_refused is not None:
+            try:
+                self.on_refused(refused.status, refused.reason, connection.client)
+            except Exception:
+                _log.exception("on_refused failed")
         try:
             await connection.write(_error_answer(refused.status, refused.reason))
         except trio.BrokenResourceError:
@@ -625,11 +638,15 @@ async def serve_http1(
     settings: ServerSettings = ServerSettings(),
     ssl_context: ssl.SSLContext | None = None,
     shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
+    on_refused: OnRefused | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves ``app`` on the listening socket ``sock`` until ``shutdown_trigger`` returns
-    (then gracefully, see :class:`ServerSettings`) or the caller cancels."""
-    server = _Server(app, settings, "https" if ssl_context is not None else "http", ssl_context)
+    (then gracefully, see :class:`ServerSettings`) or the caller cancels. ``on_refused`` is
+    told of every answer the server gives itself (status, reason, client address), since
+    the application never sees those requests."""
+    scheme = "https" if ssl_context is not None else "http"
+    server = _Server(app, settings, scheme, ssl_context, on_refused)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))
     async with trio.open_nursery() as connections:
         accepting = trio.CancelScope()

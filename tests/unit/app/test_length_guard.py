@@ -14,11 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from gateway.errors import MatrixError
 from gateway.http import Message
-from tests.unit.app.conftest import StartGateway
+from tests.robustness.harness import watching_logs
+from tests.unit.app.conftest import StartGateway, make_config
 from tests.unit.app.test_forward_http1 import (
     OK,
     StartRaw,
@@ -125,4 +127,24 @@ async def test_listener_never_sends_the_head_of_a_smuggling_attempt(
         b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body),
     )
     assert GUARD_MESSAGE.encode() in answer, answer
+    assert fake.accepted == 0
+
+
+async def test_what_the_listener_refuses_itself_is_logged_and_counted(
+    tmp_path: Path,
+    raw_homeserver: StartRaw,  # noqa: F811
+    start_gateway: StartGateway,
+) -> None:
+    fake = await raw_homeserver(fixed(OK))
+    gw = await start_gateway(make_config(tmp_path, fake.url))
+    with watching_logs() as watch:
+        answer = await raw_exchange(gw.public_url, b"GET /_matrix/client/versions HTTP/1.1\n\n")
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    [line] = [e for e in watch.events if e.get("event") == "request refused"]
+    assert line["status"] == 400 and line["route"] == "http_refused"
+    assert line["reason"] == "Malformed request head" and line["client"] == "127.0.0.1"
+    assert line["request_id"]
+    async with httpx.AsyncClient(verify=False) as client:
+        metrics = (await client.get(gw.internal_url + "/metrics")).text
+    assert 'route="http_refused",status="400"' in metrics
     assert fake.accepted == 0
