@@ -101,6 +101,8 @@ class RoutePlan:
     #: the public host name (``server_name`` of nginx, Caddy's site address)
     host: str
     max_body_size: int
+    #: the gateway's ``public.request_timeout`` (its bound on a slow client)
+    request_timeout: float
     connect_timeout: float
     read_timeout: float
     x_forwarded: bool
@@ -131,6 +133,7 @@ def route_plan(config: GatewayConfig, extra: Sequence[Any] = ()) -> RoutePlan:
         homeserver_url=config.homeserver.url.rstrip("/"),
         host=public_host,
         max_body_size=config.public.max_body_size,
+        request_timeout=config.public.request_timeout,
         connect_timeout=config.homeserver.connect_timeout,
         read_timeout=config.homeserver.read_timeout,
         x_forwarded=config.public.x_forwarded,
@@ -297,6 +300,11 @@ def render_haproxy(plan: RoutePlan, listen: Sequence[str]) -> str:
     ]
     out += [f"    bind {b}" for b in binds]
     out += [
+        # As the gateway's own listener (without them HAProxy waits for a silent client
+        # forever, and warns at start-up): a request head within 20 s or
+        # public.request_timeout, the shorter; no pause longer than public.request_timeout.
+        f"    timeout http-request {min(20.0, plan.request_timeout):g}s",
+        f"    timeout client {plan.request_timeout:g}s",
         "    http-request deny deny_status 413 if "
         f"{{ req.hdr_val(content-length) gt {plan.max_body_size} }}",
         "    # Replaced, not appended: the homeserver believes the first entry.",

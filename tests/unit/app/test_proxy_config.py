@@ -184,3 +184,15 @@ def test_the_client_api_goes_to_the_gateway_when_its_client_edge_is_on(
     assert ("/_matrix/client/" in plan.gateway_prefixes) is through_gateway
     location = "location ^~ /_matrix/client/ {\n        proxy_pass http://mxgw_gateway;"
     assert (location in render("nginx", plan)) is through_gateway
+
+
+def test_the_haproxy_frontend_bounds_slow_clients_as_the_gateway_does(tmp_path: Path) -> None:
+    # HAProxy has no client timeouts of its own: without these it waits forever.
+    path = tmp_path / "slow.toml"
+    path.write_text(
+        CONFIG.replace("x_forwarded = true", "x_forwarded = true\nrequest_timeout = 30")
+    )
+    text = render("haproxy", route_plan(load_config(path)))
+    assert "    timeout http-request 20s\n    timeout client 30s\n" in text
+    path.write_text(CONFIG.replace("x_forwarded = true", "x_forwarded = true\nrequest_timeout = 8"))
+    assert "    timeout http-request 8s\n" in render("haproxy", route_plan(load_config(path)))
