@@ -11,17 +11,20 @@ echo "== ruff" >&2
 "$venv/bin/ruff" format --check gateway policies tests bench
 echo "== mypy --strict gateway/" >&2
 "$venv/bin/mypy" --strict gateway
-# The front-proxy tests run a real nginx (Debian's package); they fail when it is missing.
-if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "== installing nginx (apt-get)" >&2
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y --no-install-recommends nginx >/dev/null \
-            || { apt-get update >/dev/null && apt-get install -y --no-install-recommends nginx >/dev/null; }
-    else
-        echo "nginx is missing: apt-get install -y nginx (the front-proxy tests need it)" >&2
+# The front-proxy tests run a real nginx, HAProxy and Caddy (Debian's packages); they fail
+# when one is missing.
+for proxy in nginx haproxy caddy; do
+    if ! command -v "$proxy" >/dev/null && [ ! -x "/usr/sbin/$proxy" ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "== installing $proxy (apt-get)" >&2
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get install -y --no-install-recommends "$proxy" >/dev/null \
+                || { apt-get update >/dev/null && apt-get install -y --no-install-recommends "$proxy" >/dev/null; }
+        else
+            echo "$proxy is missing: apt-get install -y $proxy (the front-proxy tests need it)" >&2
+        fi
     fi
-fi
+done
 # The CORS test drives a real headless browser (Debian's chromium); it fails when missing.
 if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

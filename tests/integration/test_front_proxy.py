@@ -1,10 +1,13 @@
-"""Front-proxy mode: a real nginx, configured with `gateway proxy-config --for nginx`, in
-front of the gateway and a real Synapse.
+"""Front-proxy mode: a real nginx, HAProxy and Caddy (Debian's packages), each configured
+with `gateway proxy-config --for <proxy>`, in front of the gateway and a real Synapse.
 
 The stack of this module is the demo's, with ``public.x_forwarded = true`` (what the mode
-needs). nginx's access log names the upstream that answered each request, so every test can
-see which way a request went; the gateway's own public listener answers the same requests
-directly, and the two answers must agree (front-proxy mode behaves as standalone mode).
+needs); every test runs once per proxy, each proxy in turn in front of the same stack, on
+loopback and plain HTTP. Each proxy's own log names the upstream that answered each request
+(nginx's access log, HAProxy's request log, the upstream roundtrips in Caddy's debug log),
+so every test can see which way a request went; the gateway's own public listener answers
+the same requests directly, and the two answers must agree (front-proxy mode behaves as
+standalone mode).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -41,6 +45,10 @@ from tests.integration.test_restricted_joins import (
 )
 from tests.integration.test_v3_invites import invite_in_sync, send_v3_invite, v3_invite_body
 from tests.support import client_api
+from tests.support.caddy import CADDY_MISSING, caddy_binary, caddy_service
+from tests.support.caddy import log_entries as caddy_log_entries
+from tests.support.haproxy import HAPROXY_MISSING, haproxy_binary, haproxy_service
+from tests.support.haproxy import log_entries as haproxy_log_entries
 from tests.support.nginx import NGINX_MISSING, access_log_lines, nginx_binary, nginx_service
 from tests.support.pdus import make_remote_room
 from tests.support.remote_server import RemoteServer
@@ -48,34 +56,38 @@ from tests.support.remote_server import RemoteServer
 pytestmark = [pytest.mark.integration]
 
 TIMEOUT = httpx.Timeout(30.0)
-#: The address the clients of these tests connect from (loopback, but not nginx's own).
+#: The address the clients of these tests connect from (loopback, but not the proxy's own).
 CLIENT_ADDRESS = "127.0.0.3"
 SPOOFED = "203.0.113.9"
 
 
+#: The proxies run for real, each in front of the same stack.
+PROXY_KINDS = ("nginx", "haproxy", "caddy")
+
+
 @dataclass
 class FrontProxy:
+    kind: str
     stack: Stack
     url: str
     directory: Path
     snippet: str
-    gateway_upstream: str
-    homeserver_upstream: str
+    #: (upstream as the proxy logged it, request line) for each request so far
+    log_entries: Callable[[], list[tuple[str, str]]]
+    #: the logged upstream of each route: {"gateway": ..., "homeserver": ...}
+    upstreams: dict[str, str]
 
     def upstream_of(self, request_line: str) -> str:
-        """Which upstream nginx sent ``request_line`` to: "gateway", "homeserver", or the
-        raw value. Waits a moment for the log line."""
+        """Which upstream the proxy sent ``request_line`` to: "gateway", "homeserver", or
+        the raw value. Waits a moment for the log line."""
+        names = {logged: name for name, logged in self.upstreams.items()}
         deadline = time.monotonic() + 5
         while True:
-            for line in reversed(access_log_lines(self.directory)):
-                upstream, _, rest = line.partition(" ")
-                if rest.split(" ", 1)[1] == f'"{request_line}"':
-                    return {
-                        self.gateway_upstream: "gateway",
-                        self.homeserver_upstream: "homeserver",
-                    }.get(upstream, upstream)
+            for upstream, logged_line in reversed(self.log_entries()):
+                if logged_line == request_line:
+                    return names.get(upstream, upstream)
             if time.monotonic() > deadline:
-                raise AssertionError(f"nginx logged no {request_line!r}")
+                raise AssertionError(f"{self.kind} logged no {request_line!r}")
             time.sleep(0.05)
 
 
@@ -84,11 +96,17 @@ def _host_port(url: str) -> str:
     return f"{parts.hostname}:{parts.port}"
 
 
+def _nginx_log_entries(directory: Path) -> list[tuple[str, str]]:
+    entries = []
+    for line in access_log_lines(directory):
+        upstream, _, rest = line.partition(" ")
+        entries.append((upstream, rest.split(" ", 1)[1].removeprefix('"').removesuffix('"')))
+    return entries
+
+
 @pytest.fixture(scope="module")
-def front_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FrontProxy]:
-    nginx = nginx_binary()
-    if nginx is None:
-        pytest.fail(NGINX_MISSING)
+def front_proxy_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The session's Synapse and a gateway configured for front-proxy mode, running."""
     stack = prepare_stack(tmp_path_factory.mktemp("front-proxy"), port=free_port())
     # What front-proxy mode needs: the proxy's X-Forwarded-* are the client's.
     config = dict(stack.gateway_config)
@@ -97,45 +115,79 @@ def front_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FrontProxy
     # gateway; tests/unit/app/test_proxy_config.py shows that routing).
     config["cors"] = {"enabled": False}
     stack.gateway_config_path.write_text(to_toml(config), encoding="utf8")
+    processes = StackProcesses(stack)
+    try:
+        processes.start()
+        yield stack
+    finally:
+        processes.stop()
 
+
+def _proxy_service(kind: str, directory: Path, snippet: str, ready_url: str) -> ServiceProcess:
+    if kind == "nginx":
+        nginx = nginx_binary()
+        if nginx is None:
+            pytest.fail(NGINX_MISSING)
+        return nginx_service(nginx, directory, snippet, ready_url=ready_url)
+    if kind == "haproxy":
+        haproxy = haproxy_binary()
+        if haproxy is None:
+            pytest.fail(HAPROXY_MISSING)
+        return haproxy_service(haproxy, directory, snippet, ready_url=ready_url)
+    caddy = caddy_binary()
+    if caddy is None:
+        pytest.fail(CADDY_MISSING)
+    return caddy_service(caddy, directory, snippet, ready_url=ready_url)
+
+
+@pytest.fixture(scope="module", params=PROXY_KINDS)
+def front_proxy(request: pytest.FixtureRequest, front_proxy_stack: Stack) -> Iterator[FrontProxy]:
+    kind: str = request.param
     port = free_port()
+    # Plain HTTP on loopback: Caddy's site address says so with its scheme.
+    listen = f"http://127.0.0.1:{port}" if kind == "caddy" else f"127.0.0.1:{port}"
     generated = subprocess.run(
         [
-            *(sys.executable, "-m", "gateway", "proxy-config", "--for", "nginx"),
-            *("--config", str(stack.gateway_config_path), "--listen", f"127.0.0.1:{port}"),
+            *(sys.executable, "-m", "gateway", "proxy-config", "--for", kind),
+            *("--config", str(front_proxy_stack.gateway_config_path), "--listen", listen),
         ],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert generated.returncode == 0, generated.stderr
-    directory = Path(tempfile.mkdtemp(prefix="front-proxy-nginx-"))
-    processes = StackProcesses(stack)
+    directory = Path(tempfile.mkdtemp(prefix=f"front-proxy-{kind}-"))
+    ready_url = f"http://127.0.0.1:{port}/_matrix/federation/v1/version"
     proxy: ServiceProcess | None = None
     try:
-        processes.start()
-        proxy = nginx_service(
-            nginx,
-            directory,
-            generated.stdout,
-            ready_url=f"http://127.0.0.1:{port}/_matrix/federation/v1/version",
-        )
+        proxy = _proxy_service(kind, directory, generated.stdout, ready_url)
         proxy.start()
         proxy.wait_until_ready(timeout=30)
+        if kind == "haproxy":
+            # HAProxy logs the backend's name, not its address.
+            upstreams = {"gateway": "mxgw_gateway", "homeserver": "mxgw_homeserver"}
+            entries = partial(haproxy_log_entries, directory)
+        else:
+            upstreams = {
+                "gateway": _host_port(front_proxy_stack.gateway_url),
+                "homeserver": _host_port(front_proxy_stack.homeserver_url),
+            }
+            reader = _nginx_log_entries if kind == "nginx" else caddy_log_entries
+            entries = partial(reader, directory)
         yield FrontProxy(
-            stack=stack,
+            kind=kind,
+            stack=front_proxy_stack,
             url=f"http://127.0.0.1:{port}",
             directory=directory,
             snippet=generated.stdout,
-            gateway_upstream=_host_port(stack.gateway_url),
-            homeserver_upstream=_host_port(stack.homeserver_url),
+            log_entries=entries,
+            upstreams=upstreams,
         )
     finally:
         try:
             if proxy is not None:
                 proxy.stop()
         finally:
-            processes.stop()
             shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -146,12 +198,11 @@ def proxy_client(front_proxy: FrontProxy) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="module")
-def new_user(front_proxy: FrontProxy) -> Callable[[], RegisteredUser]:
+def new_user(front_proxy_stack: Stack) -> Callable[[], RegisteredUser]:
     def new_user() -> RegisteredUser:
-        stack = front_proxy.stack
         return register(
-            stack.homeserver_url,
-            stack.registration_shared_secret,
+            front_proxy_stack.homeserver_url,
+            front_proxy_stack.registration_shared_secret,
             f"fp-{secrets.token_hex(4)}",
             secrets.token_urlsafe(12),
         )
@@ -179,7 +230,7 @@ ROOM = quote("!room:example.org", safe="")
 USER = quote("@someone:example.org", safe="")
 
 SPELLINGS = [
-    # (raw target, where nginx must send it)
+    # (raw target, where the proxy must send it)
     ("/_matrix/federation/v1/version", "homeserver"),
     ("/_matrix/client/versions", "homeserver"),
     ("/_matrix/federation/v1/query/directory?room_alias=%23a%3Aexample.org", "homeserver"),
@@ -242,14 +293,14 @@ def test_client_traffic_reaches_synapse_through_the_front_proxy(
     txn = secrets.token_hex(4)
     sent = proxy_client.put(
         f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/m.room.message/{txn}",
-        json={"msgtype": "m.text", "body": "through nginx"},
+        json={"msgtype": "m.text", "body": f"through {front_proxy.kind}"},
         headers=auth,
     )
     assert sent.status_code == 200, sent.text
     sync = proxy_client.get("/_matrix/client/v3/sync", params={"timeout": "0"}, headers=auth)
     assert sync.status_code == 200, sync.text
     timeline = sync.json()["rooms"]["join"][room_id]["timeline"]["events"]
-    assert "through nginx" in [e["content"].get("body") for e in timeline]
+    assert f"through {front_proxy.kind}" in [e["content"].get("body") for e in timeline]
     # All of that went straight to Synapse ...
     assert front_proxy.upstream_of("POST /_matrix/client/v3/createRoom HTTP/1.1") == "homeserver"
     # ... but the admin API (shared-secret registration, say) stays private.
