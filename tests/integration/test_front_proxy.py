@@ -245,6 +245,7 @@ SPELLINGS = [
     (f"/_matrix/federation/v1/make_join/{ROOM}/{USER}?ver=10", "gateway"),
     (f"/_matrix/federation/v1/make_knock/{ROOM}/{USER}?ver=10", "gateway"),
     (f"/_matrix/federation/v1/%6Dake_join/{ROOM}/{USER}", "gateway"),
+    (f"/_matrix/federation/v1/make_join%2F{ROOM}/{USER}", "gateway"),
     # A parameter that, decoded and resolved, would carry the path out of the owned area.
     (f"/_matrix/federation/v1/make_join/..%2F..%2F..%2Fclient/{USER}", "gateway"),
     (f"/_matrix/federation/v1/make_join/%2e%2e/{USER}", "gateway"),
@@ -252,6 +253,10 @@ SPELLINGS = [
     ("/_synapse/%61dmin/v1/server_version", "gateway"),
     ("/_matrix/../_synapse/admin/v1/server_version", "gateway"),
     ("/_synapse/metrics", "gateway"),
+    # The other two prefixes that go straight to the homeserver (a leading dot is no dot
+    # segment).
+    ("/.well-known/matrix/server", "homeserver"),
+    ("/_synapse/client/nothing-here", "homeserver"),
     ("/elsewhere", "gateway"),
 ]
 
