@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import resource
 import signal
 import socket
 import time
@@ -97,6 +98,8 @@ INTERNAL_ROUTES: list[RouteInstaller] = [notary_endpoints.install]
 
 _BACKLOG = 1024
 _GRACEFUL_TIMEOUT = 5.0
+# Open files kept for other things than client connections (store, logs, listeners, keys).
+_RESERVED_FILES = 128
 # Idle keep-alive connections (and clients slow to send their headers) are closed after
 # this, never later than public.request_timeout.
 _KEEP_ALIVE_TIMEOUT = 20.0
@@ -557,12 +560,37 @@ def _refused_by_listener(
     )
 
 
+def raise_open_file_limit() -> int:
+    """Raises this process's soft limit on open files to its hard limit (as Synapse does at
+    start) and returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (OSError, ValueError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def auto_max_connections(open_files: int) -> int:
+    """Client connections one worker takes at once when ``public.max_connections`` is
+    "auto": each may hold a connection to the homeserver too, and the store, logs and
+    listeners need some, so half of what is left after a reserve."""
+    return max(16, (open_files - _RESERVED_FILES) // 2)
+
+
 def public_server_settings(config: GatewayConfig) -> ServerSettings:
     """The built-in server's settings for the public listener (as Hypercorn's above)."""
+    limit = config.public.max_connections
     return ServerSettings(
         keep_alive_timeout=min(_KEEP_ALIVE_TIMEOUT, config.public.request_timeout),
         write_timeout=config.public.request_timeout,
         graceful_timeout=_GRACEFUL_TIMEOUT,
+        max_connections=limit
+        if limit is not None
+        else auto_max_connections(raise_open_file_limit()),
     )
 
 

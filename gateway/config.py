@@ -107,6 +107,9 @@ class PublicConfig:
     #: the HTTP server of this listener: the gateway's own HTTP/1.1 server, or Hypercorn
     #: (slower; speaks HTTP/2 to TLS peers that offer it)
     http_server: HttpServer = "builtin"
+    #: built-in server: connections open at once per worker (None: "auto", from the
+    #: process's open-file limit); beyond it new ones wait in the listen backlog
+    max_connections: int | None = None
 
     @property
     def tls(self) -> bool:
@@ -468,6 +471,17 @@ def _workers(value: Any) -> int:
     return int(value)
 
 
+def _max_connections(value: Any) -> int | None:
+    """An integer from 16 to 1,000,000, or "auto" (None: worked out from the open-file
+    limit when the listener starts)."""
+    if value == "auto":
+        return None
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok or not 16 <= value <= 1_000_000:
+        raise ValueError(f'must be "auto" or an integer from 16 to 1000000, got {_show(value)}')
+    return int(value)
+
+
 def _seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ValueError(f"must be a number of seconds > 0, got {_show(value)}")
@@ -630,6 +644,7 @@ def _public(r: _Reader, t: Mapping[str, Any]) -> PublicConfig:
             "x_forwarded",
             "max_concurrent_per_origin",
             "http_server",
+            "max_connections",
         },
     )
     cert = r.get(s, t, "tls_certificate_path", None, r.path)
@@ -652,6 +667,7 @@ def _public(r: _Reader, t: Mapping[str, Any]) -> PublicConfig:
             s, t, "max_concurrent_per_origin", d.max_concurrent_per_origin, _integer(1, 100_000)
         ),
         http_server=r.get(s, t, "http_server", d.http_server, _choice("builtin", "hypercorn")),
+        max_connections=r.get(s, t, "max_connections", d.max_connections, _max_connections),
     )
 
 

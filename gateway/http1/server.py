@@ -28,6 +28,7 @@ instead of a reset.
 
 from __future__ import annotations
 
+import errno
 import http
 import json
 import logging
@@ -84,6 +85,8 @@ class ServerSettings:
     write_timeout: float = 60.0
     #: on shutdown, how long requests in progress may still take
     graceful_timeout: float = 5.0
+    #: connections open at once; beyond it new ones wait in the listen backlog (None: no cap)
+    max_connections: int | None = None
 
 
 class _Refused(Exception):
@@ -631,6 +634,46 @@ def tls_context(certificate: str, private_key: str) -> ssl.SSLContext:
     return context
 
 
+# Accepting fails with these when the process or the system is out of descriptors or memory:
+# wait a little and try again rather than give up listening.
+_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    handle: Callable[[trio.SocketStream], Awaitable[None]],
+    nursery: trio.Nursery,
+    max_connections: int | None,
+) -> None:
+    limiter = trio.CapacityLimiter(max_connections) if max_connections else None
+
+    async def handle_then_release(stream: trio.SocketStream, token: object) -> None:
+        try:
+            await handle(stream)
+        finally:
+            if limiter is not None:
+                limiter.release_on_behalf_of(token)
+
+    while True:
+        token = object()
+        if limiter is not None:
+            await limiter.acquire_on_behalf_of(token)
+        while True:
+            try:
+                stream = await listener.accept()
+                break
+            except OSError as e:
+                if e.errno not in _ACCEPT_RETRY:
+                    raise
+                _log.warning("cannot accept a connection (%s); retrying in 0.1 s", e.strerror)
+                await trio.sleep(0.1)
+            except BaseException:
+                if limiter is not None:
+                    limiter.release_on_behalf_of(token)
+                raise
+        nursery.start_soon(handle_then_release, stream, token)
+
+
 async def serve_http1(
     app: Application,
     sock: socket.socket,
@@ -653,7 +696,7 @@ async def serve_http1(
 
         async def accept() -> None:
             with accepting:
-                await trio.serve_listeners(server.handle, [listener], handler_nursery=connections)
+                await _accept_loop(listener, server.handle, connections, settings.max_connections)
 
         connections.start_soon(accept)
         task_status.started()

@@ -86,6 +86,14 @@ ip_range_whitelist = ["10.1.0.0/16"]
             'public.workers: must be "auto" or an integer from 1 to 64, got 0',
         ),
         ("[public]\nmax_body_size = true", "public.max_body_size: must be an integer >= 1"),
+        (
+            "[public]\nmax_connections = 8",
+            'public.max_connections: must be "auto" or an integer from 16 to 1000000, got 8',
+        ),
+        (
+            '[public]\nhttp_server = "uvicorn"',
+            "public.http_server: must be one of 'builtin', 'hypercorn', got 'uvicorn'",
+        ),
         ("[public]\nbogus = 1", "public.bogus: unknown key"),
         ("[nonsense]\na = 1", "nonsense: unknown section"),
         ('[internal]\nbind = "0.0.0.0:8449"', "internal.bind: must be a loopback address"),
@@ -134,3 +142,19 @@ def test_workers_auto_is_one_per_core_this_process_may_use(tmp_path: Path) -> No
     config = load_config(write(tmp_path, '[public]\nworkers = "auto"\n'))
     assert config.public.workers == min(64, len(os.sched_getaffinity(0)))
     assert config.public.workers >= 1
+
+
+def test_max_connections_auto_follows_the_open_file_limit(tmp_path: Path) -> None:
+    import resource
+
+    from gateway.app import auto_max_connections, public_server_settings, raise_open_file_limit
+
+    assert auto_max_connections(20_000) == (20_000 - 128) // 2
+    assert auto_max_connections(100) == 16
+    auto = load_config(write(tmp_path, '[public]\nmax_connections = "auto"\n'))
+    assert auto.public.max_connections is None
+    limit = raise_open_file_limit()
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == limit
+    assert public_server_settings(auto).max_connections == auto_max_connections(limit)
+    fixed = load_config(write(tmp_path, "[public]\nmax_connections = 500\n"))
+    assert public_server_settings(fixed).max_connections == 500

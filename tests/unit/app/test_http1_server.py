@@ -137,7 +137,9 @@ def server() -> Iterator[Running]:
     yield from _running()
 
 
-def _running(ssl_context: ssl.SSLContext | None = None) -> Iterator[Running]:
+def _running(
+    ssl_context: ssl.SSLContext | None = None, max_connections: int | None = None
+) -> Iterator[Running]:
     app = Recorder()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -151,7 +153,10 @@ def _running(ssl_context: ssl.SSLContext | None = None) -> Iterator[Running]:
         box["token"] = trio.lowlevel.current_trio_token()
         box["stop"] = stop
         settings = ServerSettings(
-            keep_alive_timeout=KEEP_ALIVE, write_timeout=5, graceful_timeout=2
+            keep_alive_timeout=KEEP_ALIVE,
+            write_timeout=5,
+            graceful_timeout=2,
+            max_connections=max_connections,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(
@@ -708,3 +713,27 @@ def test_tls_serves_http11_only_and_drops_a_silent_handshake(tmp_path: Any) -> N
             started = time.monotonic()
             assert read_all(silent) == b""
             assert time.monotonic() - started < KEEP_ALIVE + 2
+
+
+# --- the connection cap --------------------------------------------------------------------
+
+
+def test_connections_beyond_the_cap_wait_until_one_closes() -> None:
+    for running in _running(max_connections=2):
+        first, second = connect(running.port), connect(running.port)
+        buffers = [bytearray(), bytearray()]
+        for s, buffer in zip((first, second), buffers, strict=True):
+            s.sendall(get())
+            assert read_answer(s, buffer)[0].startswith(b"HTTP/1.1 200")
+        # The kernel completes the third connection, but the server does not take it yet.
+        with connect(running.port) as third:
+            third.sendall(get("/third"))
+            third.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                third.recv(10)
+            first.close()
+            third.settimeout(5)
+            head, _ = read_answer(third, bytearray())
+            assert head.startswith(b"HTTP/1.1 200")
+        second.close()
+        assert [x.raw_path for x in running.app.seen][-1] == b"/third"
