@@ -584,13 +584,12 @@ def auto_max_connections(open_files: int) -> int:
 def public_server_settings(config: GatewayConfig) -> ServerSettings:
     """The built-in server's settings for the public listener (as Hypercorn's above)."""
     limit = config.public.max_connections
+    open_files = raise_open_file_limit()
     return ServerSettings(
         keep_alive_timeout=min(_KEEP_ALIVE_TIMEOUT, config.public.request_timeout),
         write_timeout=config.public.request_timeout,
         graceful_timeout=_GRACEFUL_TIMEOUT,
-        max_connections=limit
-        if limit is not None
-        else auto_max_connections(raise_open_file_limit()),
+        max_connections=limit if limit is not None else auto_max_connections(open_files),
     )
 
 
