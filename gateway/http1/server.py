@@ -690,7 +690,22 @@ async def serve_http1(
     the application never sees those requests."""
     scheme = "https" if ssl_context is not None else "http"
     server = _Server(app, settings, scheme, ssl_context, on_refused)
+    # A duplicate, so that the caller's socket stays theirs; it is closed here however this
+    # ends (a cancelled serve must not leave a socket listening behind it).
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock.dup()))
+    try:
+        await _serve_until_stopped(server, listener, settings, shutdown_trigger, task_status)
+    finally:
+        listener.socket.close()
+
+
+async def _serve_until_stopped(
+    server: _Server,
+    listener: trio.SocketListener,
+    settings: ServerSettings,
+    shutdown_trigger: Callable[[], Awaitable[Any]] | None,
+    task_status: trio.TaskStatus[None],
+) -> None:
     async with trio.open_nursery() as connections:
         accepting = trio.CancelScope()
 
