@@ -9,6 +9,7 @@ to ``busy_timeout`` instead of failing at once.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -40,6 +41,22 @@ class _SqliteTransaction:
         return None if row is None else tuple(row)
 
 
+def _journal_mode_wal(conn: sqlite3.Connection) -> Any:
+    """Switches to WAL. Two processes opening a new database at once (workers starting
+    together) can get "database is locked" at once here: SQLite does not always wait on
+    its busy handler for this lock. So ask again, up to the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _connect(path: str) -> sqlite3.Connection:
     # isolation_level=None: the module never opens transactions behind our back.
     conn = sqlite3.connect(
@@ -47,7 +64,7 @@ def _connect(path: str) -> sqlite3.Connection:
     )
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        mode = _journal_mode_wal(conn)
         if path != ":memory:" and (mode is None or str(mode[0]).lower() != "wal"):
             raise StoreError(f"SQLite refused WAL mode (journal_mode is {mode!r})")
         conn.execute("PRAGMA synchronous = NORMAL")
