@@ -23,9 +23,6 @@ kept alive.
 
 from __future__ import annotations
 
-import re
-import socket
-import ssl
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -35,40 +32,31 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.http1.client import Malformed, UpstreamError
+from gateway.http1.client import Connection, Malformed, UpstreamError, UpstreamPool
+from gateway.http1.framing import BAD_TARGET, BAD_VALUE, MAX_HEAD, TOKEN
 
 __all__ = ["H11UpstreamPool", "H11UpstreamResponse", "install", "main"]
 
 Headers = list[tuple[bytes, bytes]]
 Event = h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]
 
-# The hand-written client's limits and timings, so that only the parser differs.
-_MAX_IDLE = 256
-_KEEPALIVE_EXPIRY = 30.0
+# The hand-written client's read size, so that only the parser differs (its limits, expiry
+# and checks are imported; h11 allows more control characters in values, and what the
+# client refuses must be refused alike).
 _READ_SIZE = 64 * 1024
-_MAX_HEAD = 64 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
-# The hand-written client's checks of what it writes and reads (h11 allows more control
-# characters in values; what it refuses must be refused alike).
-_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
-class _Connection:
-    """One connection to the homeserver and its h11 state machine."""
+class _Connection(Connection):
+    """The client's connection (its sending, closing and reuse check), with an h11 state
+    machine reading what arrives; its ``buffer`` stays empty."""
 
-    __slots__ = ("expires", "protocol", "received", "socket", "stream")
+    __slots__ = ("protocol", "received")
 
     def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
-        self.stream = stream
-        self.socket = sock
-        self.protocol = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
-        self.expires = 0.0
+        super().__init__(stream, sock)
+        self.protocol = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self.received = 0  # bytes received for the current response
-
-    def reusable(self, now: float) -> bool:
-        return now < self.expires and not self.socket.is_readable()
 
     @property
     def eof(self) -> bool:
@@ -86,7 +74,7 @@ class _Connection:
                 ) from None
             raise UpstreamError("protocol_error") from None
 
-    async def receive(self, seconds: float) -> None:
+    async def receive(self, seconds: float) -> bool:
         """Feeds h11 the next bytes, or the end of the stream."""
         try:
             with trio.fail_after(seconds):
@@ -97,18 +85,7 @@ class _Connection:
             raise UpstreamError("closed_early") from None
         self.received += len(data)
         self.protocol.receive_data(data if isinstance(data, bytes) else bytes(data))
-
-    async def send(self, data: bytes, seconds: float) -> None:
-        try:
-            with trio.fail_after(seconds):
-                await self.stream.send_all(data)
-        except trio.TooSlowError:
-            raise UpstreamError("write_timeout") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            raise UpstreamError("closed_early") from None
-
-    def close(self) -> None:
-        self.socket.close()
+        return bool(data)
 
 
 class H11UpstreamResponse:
@@ -164,57 +141,15 @@ class H11UpstreamResponse:
         return b"".join(pieces)
 
 
-class H11UpstreamPool:
-    """:class:`gateway.http1.client.UpstreamPool` with h11 doing the HTTP/1.1."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        ssl_context: ssl.SSLContext | None,
-        *,
-        connect_timeout: float,
-        read_timeout: float,
-    ) -> None:
-        self._host = host
-        self._port = port
-        self._ssl_context = ssl_context
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
-        self._idle: list[_Connection] = []
+class H11UpstreamPool(UpstreamPool):
+    """:class:`gateway.http1.client.UpstreamPool` with h11 doing the HTTP/1.1: connecting,
+    taking idle connections and releasing them are the client's own."""
 
     async def _connect(self) -> _Connection:
-        try:
-            with trio.fail_after(self._connect_timeout):
-                tcp = await trio.open_tcp_stream(self._host, self._port)
-                tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self._ssl_context is None:
-                    return _Connection(tcp, tcp.socket)
-                tls = trio.SSLStream(
-                    tcp, self._ssl_context, server_hostname=self._host, https_compatible=True
-                )
-                try:
-                    await tls.do_handshake()
-                except BaseException:
-                    tcp.socket.close()
-                    raise
-                return _Connection(tls, tcp.socket)
-        except trio.TooSlowError:
-            raise UpstreamError("connect_timeout") from None
-        except (OSError, trio.BrokenResourceError):
-            raise UpstreamError("connect_error") from None
+        plain = await super()._connect()
+        return _Connection(plain.stream, plain.socket)
 
-    async def _take(self) -> _Connection:
-        idle = self._idle
-        now = trio.current_time()
-        while idle:
-            connection = idle.pop()
-            if connection.reusable(now):
-                return connection
-            connection.close()
-        return await self._connect()
-
-    async def send(
+    async def send(  # type: ignore[override]
         self,
         method: bytes,
         target: bytes,
@@ -224,6 +159,7 @@ class H11UpstreamPool:
         """As ``UpstreamPool.send``: the request goes out, the response head is read."""
         request = _request(method, target, headers)
         connection = await self._take()
+        assert isinstance(connection, _Connection)
         protocol = connection.protocol
         timeout = self._read_timeout
         try:
@@ -257,7 +193,9 @@ class H11UpstreamPool:
             connection.close()
             raise
 
-    async def _read_head(self, connection: _Connection, method: bytes) -> H11UpstreamResponse:
+    async def _read_head(  # type: ignore[override]
+        self, connection: _Connection, method: bytes
+    ) -> H11UpstreamResponse:
         connection.received = 0
         while True:
             event = connection.next_event(in_body=False)
@@ -268,46 +206,30 @@ class H11UpstreamPool:
             elif isinstance(event, h11.Response):
                 response = H11UpstreamResponse(connection, event, method, self._read_timeout)
                 # h11 takes control characters in values that the client refuses.
-                if any(_BAD_VALUE.search(v) for _, v in response.headers):
+                if any(BAD_VALUE.search(v) for _, v in response.headers):
                     raise UpstreamError("protocol_error")
                 return response
             else:
                 raise UpstreamError("protocol_error")
 
-    def release(self, response: H11UpstreamResponse) -> None:
-        connection = response.connection
-        idle = self._idle
-        now = trio.current_time()
-        if idle and not idle[0].reusable(now):
-            idle.pop(0).close()
-        protocol = connection.protocol
-        if (
-            response.complete
-            and response.keep_alive
-            and not protocol.trailing_data[0]
-            and len(idle) < _MAX_IDLE
-        ):
+    def release(self, response: H11UpstreamResponse) -> None:  # type: ignore[override]
+        protocol = response.connection.protocol
+        if response.complete and response.keep_alive and not protocol.trailing_data[0]:
             protocol.start_next_cycle()
-            connection.expires = now + _KEEPALIVE_EXPIRY
-            idle.append(connection)
         else:
-            connection.close()
-
-    async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.close()
+            response.keep_alive = False
+        super().release(response)  # type: ignore[arg-type]
 
 
 def _request(method: bytes, target: bytes, headers: Headers) -> h11.Request:
     """The request as an h11 event, refused (:class:`Malformed`) where the hand-written
     client refuses it."""
-    if _BAD_TARGET.search(target) or not _TOKEN.fullmatch(method):
+    if BAD_TARGET.search(target) or not TOKEN.fullmatch(method):
         raise Malformed()
     chunked = False
     lengths = 0
     for k, v in headers:
-        if not _TOKEN.fullmatch(k) or _BAD_VALUE.search(v):
+        if not TOKEN.fullmatch(k) or BAD_VALUE.search(v):
             raise Malformed()
         if k == b"transfer-encoding":
             chunked = True
@@ -327,7 +249,7 @@ def install() -> None:
     """Makes the gateway's forwarder build :class:`H11UpstreamPool`."""
     from gateway.homeserver import forward
 
-    forward.UpstreamPool = H11UpstreamPool  # type: ignore[attr-defined,assignment]
+    forward.UpstreamPool = H11UpstreamPool  # type: ignore[attr-defined]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
