@@ -21,6 +21,8 @@ from gateway.http1.framing import (
     BAD_TARGET,
     BAD_VALUE,
     MAX_HEAD,
+    NO_BODY_STATUS,
+    READ_SIZE,
     TOKEN,
     ChunkedDecoder,
     FramingError,
@@ -56,8 +58,6 @@ class Malformed(Exception):
 
 
 _HTTP1_VERSION = re.compile(rb"HTTP/1\.[0-9]")
-_READ_SIZE = 64 * 1024
-_NO_BODY_STATUS = frozenset({204, 304})
 
 
 class Connection:
@@ -80,7 +80,7 @@ class Connection:
         """Reads more into ``buffer``; False at end of stream."""
         try:
             with trio.fail_after(seconds):
-                data = await self.stream.receive_some(_READ_SIZE)
+                data = await self.stream.receive_some(READ_SIZE)
         except trio.TooSlowError:
             raise UpstreamError("read_timeout") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -167,7 +167,7 @@ class UpstreamResponse:
                 lengths.add(v.strip())
             elif k == b"connection" and b"close" in v.lower():
                 self.keep_alive = False
-        if method == b"HEAD" or self.status in _NO_BODY_STATUS:
+        if method == b"HEAD" or self.status in NO_BODY_STATUS:
             self.complete = self.bodyless = True
             return
         if coding:

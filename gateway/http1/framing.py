@@ -14,6 +14,8 @@ __all__ = [
     "BAD_TARGET",
     "BAD_VALUE",
     "MAX_HEAD",
+    "NO_BODY_STATUS",
+    "READ_SIZE",
     "TOKEN",
     "ChunkedDecoder",
     "FramingError",
@@ -26,6 +28,10 @@ Headers = list[tuple[bytes, bytes]]
 
 #: Longest message head accepted, start line and fields together.
 MAX_HEAD = 64 * 1024
+#: How much one read from a connection asks for.
+READ_SIZE = 64 * 1024
+#: Answers that never have a body, whatever their fields say (RFC 9110 §§15.3.5, 15.4.5).
+NO_BODY_STATUS = frozenset({204, 304})
 
 # What must never appear inside a request target or a header (RFC 9112 §3.2, RFC 9110 §5.5).
 BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")

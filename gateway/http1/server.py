@@ -44,6 +44,8 @@ import trio
 from gateway.http1.framing import (
     BAD_VALUE,
     MAX_HEAD,
+    NO_BODY_STATUS,
+    READ_SIZE,
     TOKEN,
     ChunkedDecoder,
     FramingError,
@@ -68,12 +70,10 @@ Application = Callable[
 #: Told of each answer the server gives itself: (status, reason, client address).
 OnRefused = Callable[[int, str, "tuple[str, int] | None"], None]
 
-_READ_SIZE = 64 * 1024
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 1024 * 1024
 # Bytes read ahead (the next pipelined request) while waiting for a client to go away.
 _READ_AHEAD_LIMIT = 64 * 1024
-_NO_BODY_STATUS = frozenset({204, 304})
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 
 
@@ -139,7 +139,6 @@ class _Request:
         "response_done",
         "response_started",
         "sent",
-        "status",
         "writes_body",
     )
 
@@ -160,7 +159,6 @@ class _Request:
         self.writes_body = True
         self.declared: int | None = None
         self.sent = 0
-        self.status = 0
         self.head = b""
 
     async def receive(self) -> Message:
@@ -246,7 +244,6 @@ class _Request:
                 await self.connection.write(out)
 
     def _start(self, status: int, headers: Any) -> None:
-        self.status = status
         connection = self.connection
         if self.more_body or connection.closing:
             # The body is not read to its end (or the server is stopping): the connection
@@ -276,7 +273,7 @@ class _Request:
                 head += name + b": " + value + b"\r\n"
         if streamed:
             declared = None  # a coding overrides a length (RFC 9112 §6.3)
-        self.writes_body = connection.method != b"HEAD" and status not in _NO_BODY_STATUS
+        self.writes_body = connection.method != b"HEAD" and status not in NO_BODY_STATUS
         if declared is not None:
             self.declared = declared
             if status != 204:  # RFC 9110 §8.6: never in a 204
@@ -324,7 +321,7 @@ class _Connection:
     async def fill(self) -> bool:
         """Reads more into ``buffer``; False when the client has closed or broken it."""
         try:
-            data = await self.stream.receive_some(_READ_SIZE)
+            data = await self.stream.receive_some(READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self.broken = True
             return False
@@ -368,7 +365,7 @@ class _Connection:
                         await self.stream.send_eof()  # type: ignore[attr-defined]
                     drained = 0
                     while drained < _LINGER_BYTES:
-                        data = await self.stream.receive_some(_READ_SIZE)
+                        data = await self.stream.receive_some(READ_SIZE)
                         if not data:
                             break
                         drained += len(data)
@@ -376,6 +373,27 @@ class _Connection:
             pass
         finally:
             self.socket.close()
+
+
+def _skip_empty_lines(buffer: bytearray) -> bool:
+    """Drops empty lines before a request line (RFC 9112 §2.2); True if there were any."""
+    skipped = False
+    while buffer[:2] == b"\r\n":
+        del buffer[:2]
+        skipped = True
+    return skipped
+
+
+def _head_end(buffer: bytearray, start: int) -> int:
+    """Where the head in ``buffer`` ends (its CRLF CRLF, searched from ``start``), or -1
+    while it is incomplete. Raises :class:`_Refused` for lines ended by a bare LF (which
+    RFC 9112 lets a server refuse) and for a head over ``MAX_HEAD``."""
+    end = buffer.find(b"\r\n\r\n", start)
+    if end < 0 and (buffer.find(b"\n\n", start) >= 0 or buffer.find(b"\n\r\n", start) >= 0):
+        raise _Refused(400, "Malformed request head")
+    if end > MAX_HEAD or (end < 0 and len(buffer) > MAX_HEAD):
+        raise _Refused(431, "Request head too large")
+    return end
 
 
 def _parse_head(data: bytes) -> tuple[bytes, bytes, bool, Headers]:
@@ -500,56 +518,14 @@ class _Server:
             sock.close()
 
     async def _serve(self, connection: _Connection, client: Any, server: Any) -> None:
-        buffer = connection.buffer
-        keep_alive_timeout = self.settings.keep_alive_timeout
         while True:
-            # A head: read (from what is already here first) until CRLF CRLF, within the
-            # keep-alive timeout, as long as the server is not stopping.
-            while buffer[:2] == b"\r\n":
-                del buffer[:2]  # RFC 9112 §2.2: empty lines before a request line
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if b"\n\n" in buffer or b"\n\r\n" in buffer:
-                    # Lines ended by a bare LF (which RFC 9112 lets a server refuse).
-                    await self._refuse(connection, _Refused(400, "Malformed request head"))
-                    return
-                if self.stopping:
-                    connection.socket.close()
-                    return
-                with trio.move_on_after(keep_alive_timeout) as idle:
-                    connection.idle_scope = idle
-                    while end < 0:
-                        if len(buffer) > MAX_HEAD:
-                            break
-                        start = max(0, len(buffer) - 3)
-                        if not await connection.fill():
-                            if buffer.strip(b"\r\n") and not connection.broken:
-                                await self._refuse(connection, _Refused(400, "Incomplete request"))
-                            else:
-                                connection.socket.close()
-                            return
-                        while buffer[:2] == b"\r\n":
-                            del buffer[:2]
-                            start = 0
-                        end = buffer.find(b"\r\n\r\n", start)
-                        if end < 0 and (
-                            buffer.find(b"\n\n", start) >= 0 or buffer.find(b"\n\r\n", start) >= 0
-                        ):
-                            break
-                connection.idle_scope = None
-                if idle.cancelled_caught:
-                    # Idle too long, or a head that never completes: closed unanswered.
-                    connection.socket.close()
-                    return
-            if end < 0 and len(buffer) <= MAX_HEAD:
-                await self._refuse(connection, _Refused(400, "Malformed request head"))
-                return
-            if end < 0 or end > MAX_HEAD:
-                await self._refuse(connection, _Refused(431, "Request head too large"))
-                return
-            head = bytes(buffer[:end])
-            del buffer[: end + 4]
             try:
+                head = await self._next_head(connection)
+                if head is None:
+                    # Closed by the client, idle too long, a head that never completes, or
+                    # the server stopping: closed unanswered.
+                    connection.socket.close()
+                    return
                 method, target, http10, headers = _parse_head(head)
                 request = _Request(connection, http10)
                 _frame_request(request, headers)
@@ -596,6 +572,36 @@ class _Server:
             if not request.keep_alive or self.stopping:
                 await connection.linger_close()
                 return
+
+    async def _next_head(self, connection: _Connection) -> bytes | None:
+        """The next request head, read (from what is already here first) up to its CRLF
+        CRLF within the keep-alive timeout; None when the connection is to end unanswered.
+        Raises :class:`_Refused`."""
+        buffer = connection.buffer
+        _skip_empty_lines(buffer)
+        end = _head_end(buffer, 0)
+        if end < 0:
+            if self.stopping:
+                return None
+            try:
+                with trio.move_on_after(self.settings.keep_alive_timeout) as idle:
+                    connection.idle_scope = idle
+                    while end < 0:
+                        start = max(0, len(buffer) - 3)
+                        if not await connection.fill():
+                            if buffer.strip(b"\r\n") and not connection.broken:
+                                raise _Refused(400, "Incomplete request")
+                            return None
+                        if _skip_empty_lines(buffer):
+                            start = 0
+                        end = _head_end(buffer, start)
+            finally:
+                connection.idle_scope = None
+            if idle.cancelled_caught:
+                return None
+        head = bytes(buffer[:end])
+        del buffer[: end + 4]
+        return head
 
     async def _refuse(self, connection: _Connection, refused: _Refused) -> None:
         if self.on_refused is not None:
