@@ -69,7 +69,9 @@ class Store(Protocol):
     async def run_transaction(self, work: Callable[[Transaction], T], *, write: bool = True) -> T:
         """Run ``work`` in a worker thread inside one transaction; commit if it returns.
 
-        This is how features add queries on tables their own migration created.
+        This is how features add queries on tables their own migration created. ``work``
+        may run more than once (on PostgreSQL, when the server ends the connection before
+        COMMIT and so rolls the transaction back), so it keeps its effects in the database.
         """
         ...
 

@@ -4,7 +4,8 @@ Each test failed before its fix:
 
 * PostgreSQL ending the gateway's idle connections (a restart, ``pg_terminate_backend``):
   the next transaction on each pooled connection failed, and the request with it (500);
-  now it runs on a new connection, and work that already ran is never run twice.
+  now it runs on a new connection. So does work whose connection ended before COMMIT, or
+  during a COMMIT the server rolled back; a commit whose acknowledgement was lost stands.
 * A store that fails (down, locked past its busy timeout, closed): an unhandled exception
   and a 500; now 503 ``M_UNKNOWN`` with ``retry_after_ms``, logged without a traceback.
 * An audit row whose write failed was lost; now it waits and is written with the next.
@@ -12,6 +13,8 @@ Each test failed before its fix:
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -20,13 +23,14 @@ import httpx
 import psycopg
 import pytest
 import trio
+from psycopg.conninfo import make_conninfo
 
 from gateway.policy.api import InviteContext, deny
 from gateway.policy.audit import query_decisions
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.loading import LoadedPolicy, PolicySet, PolicySpec
 from gateway.store import Dialect, Store, StoreError, Transaction, open_store
-from gateway.store._postgres import PostgresStore
+from gateway.store._postgres import ATTEMPTS, PostgresStore
 from tests.robustness.harness import (
     LOCAL_USER,
     REMOTE_USER,
@@ -75,7 +79,32 @@ async def test_postgres_connections_ended_while_idle_cost_no_transaction() -> No
             await store.aclose()
 
 
-async def test_work_that_breaks_its_connection_runs_once_and_fails() -> None:
+async def test_work_whose_connection_ends_before_commit_runs_again_on_a_new_one() -> None:
+    with postgres_database("outage") as dsn:
+        store = await PostgresStore.open(dsn)
+        calls = 0
+
+        def work(tx: Transaction) -> int:
+            nonlocal calls
+            calls += 1
+            tx.execute(
+                "INSERT INTO kv (namespace, key, value) VALUES (?, ?, ?)",
+                ("t", f"try{calls}", "v"),
+            )
+            if calls == 1:
+                tx.fetch_one("SELECT pg_terminate_backend(pg_backend_pid())")
+            return calls
+
+        try:
+            assert await store.run_transaction(work) == 2
+            # The first try's row went with its connection: the server rolled it back.
+            assert await store.kv_get("t", "try1", now_ts=0) is None
+            assert await store.kv_get("t", "try2", now_ts=0) == "v"
+        finally:
+            await store.aclose()
+
+
+async def test_work_whose_connections_keep_ending_fails_after_the_last_attempt() -> None:
     with postgres_database("outage") as dsn:
         store = await PostgresStore.open(dsn)
         calls = 0
@@ -88,9 +117,119 @@ async def test_work_that_breaks_its_connection_runs_once_and_fails() -> None:
         try:
             with pytest.raises(StoreError):
                 await store.run_transaction(work)
-            assert calls == 1
+            assert calls == ATTEMPTS
             assert await store.run_transaction(lambda tx: tx.fetch_one("SELECT 1")) == (1,)
         finally:
+            await store.aclose()
+
+
+#: A deferred constraint trigger runs at COMMIT: this one ends its own connection there the
+#: first time (a sequence counts outside transactions), so the client sees its connection
+#: break after COMMIT was sent, and the server rolls that transaction back.
+COMMIT_KILLER = """
+CREATE TABLE commit_killer (id integer);
+CREATE SEQUENCE commit_kills;
+CREATE FUNCTION end_own_backend() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF nextval('commit_kills') = 1 THEN
+        PERFORM pg_terminate_backend(pg_backend_pid());
+        PERFORM pg_sleep(1);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER end_at_commit AFTER INSERT ON commit_killer
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION end_own_backend();
+"""
+
+
+def _insert_call(counter: list[int]) -> Callable[[Transaction], int]:
+    def work(tx: Transaction) -> int:
+        counter.append(len(counter) + 1)
+        tx.execute("INSERT INTO commit_killer (id) VALUES (?)", (counter[-1],))
+        return counter[-1]
+
+    return work
+
+
+def _ids(dsn: str) -> list[int]:
+    with psycopg.connect(dsn) as conn:
+        return [r[0] for r in conn.execute("SELECT id FROM commit_killer ORDER BY id")]
+
+
+async def test_a_transaction_rolled_back_during_commit_runs_again() -> None:
+    with postgres_database("outage") as dsn:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(COMMIT_KILLER)
+        store = await PostgresStore.open(dsn)
+        calls: list[int] = []
+        try:
+            # The first COMMIT ends its connection; its outcome, looked up, is "aborted".
+            assert await store.run_transaction(_insert_call(calls)) == 2
+            assert calls == [1, 2]
+            assert _ids(dsn) == [2]
+        finally:
+            await store.aclose()
+
+
+class _LoseCommitAcknowledgement:
+    """A TCP relay to PostgreSQL that hangs up on the client instead of passing on the
+    server's answer to a COMMIT: the transaction committed, the client never heard."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self._upstream = upstream
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.dropped = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._upstream)
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                # CommandComplete ('C') carrying the tag COMMIT.
+                if answers and b"C\x00\x00\x00\x0bCOMMIT\x00" in data:
+                    self.dropped += 1
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            # shutdown, not only close: it wakes the other pump, blocked in recv on it.
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+async def test_a_commit_whose_acknowledgement_was_lost_stands_and_is_not_repeated() -> None:
+    with postgres_database("outage") as dsn:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute("CREATE TABLE commit_killer (id integer)")
+        store = await PostgresStore.open(dsn)
+        relay = _LoseCommitAcknowledgement(("127.0.0.1", 5432))
+        relayed = PostgresStore(make_conninfo(dsn, port=relay.port, sslmode="disable"))
+        calls: list[int] = []
+        try:
+            assert await relayed.run_transaction(_insert_call(calls)) == 1
+            assert relay.dropped == 1
+            assert calls == [1]
+            assert _ids(dsn) == [1]
+        finally:
+            relay.close()
+            await relayed.aclose()
             await store.aclose()
 
 
