@@ -39,7 +39,8 @@ from tests.robustness.harness import (
     q,
     watching_logs,
 )
-from tests.support.inprocess_gateway import REMOTE, REMOTE_KEY, signed_request
+from tests.support.inprocess_gateway import HS, HS_KEY, REMOTE, REMOTE_KEY, signed_request
+from tests.support.remote_server import x_matrix_authorization
 from tests.support.stack_fixtures import PG_ADMIN_DSN, postgres_database
 
 T = TypeVar("T")
@@ -248,6 +249,37 @@ async def test_a_failing_store_is_a_503_not_a_500(nursery: trio.Nursery, tmp_pat
     assert answer.json()["retry_after_ms"] > 0
     assert [t for t in watch.tracebacks() if "unhandled" in t] == []
     assert any(e.get("event") == "store unavailable" for e in watch.events)
+
+
+async def test_a_failing_store_costs_the_notary_no_answer(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # The notary answers what it has (200), never an error: Synapse backs off a notary that
+    # failed once for ten minutes, and would verify no remote server's key meanwhile.
+    with watching_logs() as watch:
+        async with gateway_for_hostile_traffic(nursery, tmp_path, policies=[]) as gateway:
+            notary, store = gateway.services.notary, gateway.services.store
+            assert notary is not None and store is not None
+            # Whom the notary vouched for is kept in the store.
+            await store.aclose()
+            uri = f"/_matrix/key/v2/query/{REMOTE}"
+            authorization = x_matrix_authorization(
+                method="GET",
+                uri=uri,
+                origin=HS,
+                destination=notary.key.server_name,
+                signing_key=HS_KEY,
+                content=None,
+            )
+            internal = gateway.listening.internal_url
+            async with httpx.AsyncClient(base_url=internal, verify=False) as client:
+                answer = await client.get(uri, headers={"Authorization": authorization})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"server_keys": []}
+    failed = [e for e in watch.events if e.get("event") == "notary.query_failed"]
+    assert [e["server_name"] for e in failed] == [REMOTE]
+    assert "store is closed" in failed[0]["error"]
+    assert watch.tracebacks() == []
 
 
 class FailingWhenTold:
