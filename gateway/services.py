@@ -179,6 +179,8 @@ async def open_services(
                 audit_allows=config.policy.audit_allows,
                 state_reader=services.room_state,
             )
+            # Runs before the store closes: it writes the audit rows still waiting.
+            stack.push_async_callback(services.policy.aclose)
         yield services
 
 

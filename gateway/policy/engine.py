@@ -20,7 +20,9 @@ Rules:
 * A ``shadow`` policy is run, logged, counted and audited like any other, and then ignored.
 * Audit rows are written before the decision is acted on. When the store fails the decision
   stands and its rows wait in memory (up to :data:`MAX_UNWRITTEN_AUDIT_ROWS`), to be written
-  first with the next decision's rows.
+  first with the next decision's rows, or by :meth:`PolicyEngine.aclose` when the worker
+  stops. A row given up (beyond the limit, or still unwritten at the stop) goes to the log
+  whole, as a ``policy.audit_row_lost`` event, so the trail can be mended from the log.
 * :meth:`PolicyEngine.reload` builds a complete new :class:`PolicySet` and swaps it in with
   one assignment; requests already running finish with the set they started with. If
   anything fails the old set stays.
@@ -89,6 +91,8 @@ FailureKind = Literal["timeout", "exception", "invalid_decision", "drop_not_allo
 _log = structlog.get_logger("gateway.policy")
 #: Audit rows kept in memory while the store fails; beyond this the oldest are given up.
 MAX_UNWRITTEN_AUDIT_ROWS = 10_000
+#: How long a stopping worker tries to write the audit rows still waiting.
+AUDIT_FLUSH_TIMEOUT_S = 5.0
 _DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
@@ -146,7 +150,8 @@ class PolicyMetrics:
         )
         self.audit_rows_dropped = Counter(
             "gateway_policy_audit_rows_dropped_total",
-            "Audit rows given up while the store failed, beyond the rows kept waiting.",
+            "Audit rows given up while the store failed (beyond the rows kept waiting, or"
+            " unwritten when the worker stopped); each is logged as policy.audit_row_lost.",
             registry=self.registry,
         )
 
@@ -477,19 +482,45 @@ class PolicyEngine:
             # in memory for the next write that succeeds.
             pending = waiting + self._unwritten
             self._unwritten = pending[-MAX_UNWRITTEN_AUDIT_ROWS:]
-            dropped = len(pending) - len(self._unwritten)
+            dropped = pending[: len(pending) - len(self._unwritten)]
             self.metrics.audit_rows_waiting.set(len(self._unwritten))
-            if dropped:
-                self.metrics.audit_rows_dropped.inc(dropped)
             _log.warning(
                 "policy.audit_write_failed",
                 request_id=request_id,
                 error=str(e),
                 waiting=len(self._unwritten),
-                dropped=dropped,
+                dropped=len(dropped),
             )
+            self._give_up(dropped, str(e))
         else:
             self.metrics.audit_rows_waiting.set(len(self._unwritten))
+
+    async def aclose(self, timeout_s: float = AUDIT_FLUSH_TIMEOUT_S) -> None:
+        """The worker is stopping: writes the audit rows still waiting, even while being
+        cancelled, starting within ``timeout_s`` (a write under way is not cut short). What
+        the store still refuses is logged whole."""
+        if self._store is None or not self._unwritten:
+            return
+        rows, self._unwritten = self._unwritten, []
+        error = f"the store did not answer within {timeout_s} s"
+        with trio.CancelScope(shield=True), trio.move_on_after(timeout_s):
+            try:
+                await write_decisions(self._store, rows)
+            except Exception as e:
+                error = str(e)
+            else:
+                self.metrics.audit_rows_waiting.set(0)
+                _log.info("policy.audit_rows_written_at_stop", rows=len(rows))
+                return
+        self.metrics.audit_rows_waiting.set(0)
+        self._give_up(rows, error)
+
+    def _give_up(self, rows: Sequence[AuditRecord], error: str) -> None:
+        if not rows:
+            return
+        self.metrics.audit_rows_dropped.inc(len(rows))
+        for row in rows:
+            _log.error("policy.audit_row_lost", error=error, row=row.to_json())
 
 
 def _reason(decision: Decision) -> str:

@@ -13,6 +13,7 @@ Each test failed before its fix:
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 from collections.abc import Callable
@@ -25,10 +26,12 @@ import pytest
 import trio
 from psycopg.conninfo import make_conninfo
 
+from gateway.policy import engine as engine_module
 from gateway.policy.api import InviteContext, deny
 from gateway.policy.audit import query_decisions
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.loading import LoadedPolicy, PolicySet, PolicySpec
+from gateway.services import open_services
 from gateway.store import Dialect, Store, StoreError, Transaction, open_store
 from gateway.store._postgres import ATTEMPTS, PostgresStore
 from tests.robustness.harness import (
@@ -37,6 +40,7 @@ from tests.robustness.harness import (
     gateway_for_hostile_traffic,
     make_samples,
     q,
+    robustness_config,
     watching_logs,
 )
 from tests.support.inprocess_gateway import HS, HS_KEY, REMOTE, REMOTE_KEY, signed_request
@@ -347,5 +351,76 @@ async def test_an_audit_row_whose_write_failed_is_written_with_the_next(tmp_path
         rows = await query_decisions(store)
         assert [r.room_id for r in rows] == ["!first:remote.test", "!second:remote.test"]
         assert engine.metrics.audit_rows_waiting._value.get() == 0
+    finally:
+        await store.aclose()
+
+
+async def test_audit_rows_still_waiting_are_written_when_the_worker_stops(
+    tmp_path: Path,
+) -> None:
+    store = await open_store("sqlite", sqlite_path=str(tmp_path / "audit.db"))
+    flaky = FailingWhenTold(store)
+    engine = _engine(flaky)
+    try:
+        flaky.failing = True
+        await engine.decide_invite(_ctx("!waiting:remote.test"))
+        assert engine.metrics.audit_rows_waiting._value.get() == 1
+        flaky.failing = False  # the store is back, but no decision comes to write the row
+        with trio.CancelScope() as scope:
+            scope.cancel()  # a stopping worker is being cancelled: the write still happens
+            await engine.aclose()
+        assert [r.room_id for r in await query_decisions(store)] == ["!waiting:remote.test"]
+        assert engine.metrics.audit_rows_waiting._value.get() == 0
+    finally:
+        await store.aclose()
+
+
+async def test_audit_rows_the_store_refuses_to_the_end_are_logged_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "MAX_UNWRITTEN_AUDIT_ROWS", 2)
+    store = await open_store("sqlite", sqlite_path=str(tmp_path / "audit.db"))
+    flaky = FailingWhenTold(store)
+    engine = _engine(flaky)
+    try:
+        flaky.failing = True
+        with watching_logs() as watch:
+            for room in ("!one:remote.test", "!two:remote.test", "!three:remote.test"):
+                await engine.decide_invite(_ctx(room))
+            # Beyond the limit: the oldest row is given up, into the log.
+            lost = [e for e in watch.events if e.get("event") == "policy.audit_row_lost"]
+            assert [e["row"]["room_id"] for e in lost] == ["!one:remote.test"]
+            await engine.aclose()
+        lost = [e for e in watch.events if e.get("event") == "policy.audit_row_lost"]
+        rows = [e["row"] for e in lost]
+        assert [r["room_id"] for r in rows] == [
+            f"!{n}:remote.test" for n in ("one", "two", "three")
+        ]
+        assert all(r["decision"] == "deny" and r["policy"] == "deny_all" for r in rows)
+        assert all("database is locked" in e["error"] for e in lost)
+        assert engine.metrics.audit_rows_dropped._value.get() == 3
+        assert engine.metrics.audit_rows_waiting._value.get() == 0
+        assert await query_decisions(store) == []
+    finally:
+        await store.aclose()
+
+
+async def test_a_stopping_worker_writes_waiting_audit_rows_before_closing_its_store(
+    tmp_path: Path,
+) -> None:
+    config = robustness_config(tmp_path, "http://127.0.0.1:9")
+    async with open_services(config) as services:
+        engine = services.policy
+        assert engine is not None and services.store is not None
+        flaky = FailingWhenTold(services.store)
+        engine._store = flaky  # the engine's store fails for one decision
+        flaky.failing = True
+        # server_rules denies this origin: a deny is always audited.
+        denied = dataclasses.replace(_ctx("!at-stop:remote.test"), origin="denied.example")
+        assert (await engine.decide_invite(denied)).denied
+        flaky.failing = False
+    store = await open_store("sqlite", sqlite_path=str(config.store.sqlite_path))
+    try:
+        assert "!at-stop:remote.test" in [r.room_id for r in await query_decisions(store)]
     finally:
         await store.aclose()
