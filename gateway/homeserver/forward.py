@@ -361,10 +361,18 @@ class Forwarder:
         # watcher costs a task per request, and a small answer is over before it matters.
         if await self._relay_body(send, response, _WATCH_DISCONNECT_OVER - len(first)):
             return
+        # How the relay ended, raised once the nursery is closed: raised inside it, the
+        # exception would come out wrapped in an exception group, past the app's handlers.
+        ended: list[Exception] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            await self._relay_body(send, response, None)
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, ended)
+            try:
+                await self._relay_body(send, response, None)
+            except (ClientDisconnected, ResponseCutShort) as e:
+                ended.append(e)
             nursery.cancel_scope.cancel()
+        if ended:
+            raise ended[0]
 
     async def _relay_body(self, send: Send, response: UpstreamResponse, up_to: int | None) -> bool:
         """Relays the body to its end (True) or until ``up_to`` bytes (False)."""
@@ -435,9 +443,12 @@ class Forwarder:
         return Response(response.status, b"".join(chunks), out)
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+async def _cancel_on_disconnect(
+    receive: Receive, scope: trio.CancelScope, ended: list[Exception]
+) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
+            ended.append(ClientDisconnected())
             scope.cancel()
             return

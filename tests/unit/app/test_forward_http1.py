@@ -19,6 +19,7 @@ from typing import cast
 import httpx
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 from gateway.config import GatewayConfig
 from gateway.errors import MatrixError
@@ -520,6 +521,70 @@ async def test_body_cut_short_upstream_is_cut_short_downstream(
             r = await client.get(base + "/_matrix/x")
             # Only reached if the gateway completed the response: show what it sent.
             raise AssertionError(f"complete response: {r.status_code} {r.content!r}")
+
+
+CHUNK = b"x" * 32768
+#: Past the size from which the forwarder watches for the client's going away.
+LARGE = 64
+
+
+def _chunked(count: int) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(CHUNK), CHUNK) for _ in range(count))
+
+
+async def _request_line(events: list[dict[str, object]]) -> dict[str, object]:
+    """The request's log line, which comes once the gateway is done with it."""
+    with trio.fail_after(10):
+        while not (lines := [e for e in events if e.get("event") == "request"]):  # noqa: ASYNC110 (no event)
+            await trio.sleep(0.01)
+    [line] = lines
+    return line
+
+
+async def test_a_large_answer_the_homeserver_cuts_short_is_logged_as_such(
+    tmp_path: Path, raw_homeserver: StartRaw, start_gateway: StartGateway
+) -> None:
+    async def respond(stream: trio.SocketStream, exchange: Exchange) -> bool:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await stream.send_all(_chunked(LARGE))
+        await trio.sleep(0.05)
+        return False  # closed before the last chunk
+
+    fake = await raw_homeserver(respond)
+    base = await gateway_for(tmp_path, fake, start_gateway)
+    with capture_logs() as events:
+        async with httpx.AsyncClient() as client:
+            with trio.fail_after(10), pytest.raises(httpx.RemoteProtocolError):
+                await client.get(base + "/_matrix/x")
+        line = await _request_line(events)
+    assert line["outcome"] == "cut_short:closed_early"
+    assert [e for e in events if e.get("event") == "unhandled error"] == []
+
+
+async def test_a_client_leaving_a_large_answer_is_logged_as_such(
+    tmp_path: Path, raw_homeserver: StartRaw, start_gateway: StartGateway
+) -> None:
+    async def respond(stream: trio.SocketStream, exchange: Exchange) -> bool:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(1000):  # far more than the client will read, slowly
+            await stream.send_all(_chunked(4))
+            await trio.sleep(0.01)
+        return False
+
+    fake = await raw_homeserver(respond)
+    base = await gateway_for(tmp_path, fake, start_gateway)
+    port = int(base.rsplit(":", 1)[1])
+    with capture_logs() as events:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /_matrix/x HTTP/1.1\r\nHost: hs\r\n\r\n")
+        read = 0
+        with trio.fail_after(10):
+            while read < 3 * len(CHUNK) * LARGE // 2:
+                read += len(await stream.receive_some(65536))
+        await stream.aclose()
+        line = await _request_line(events)
+    assert line["outcome"] == "client_disconnected"
+    assert [e for e in events if e.get("event") == "unhandled error"] == []
 
 
 # --- connection reuse ----------------------------------------------------------------------
