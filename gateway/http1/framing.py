@@ -36,9 +36,17 @@ NO_BODY_STATUS = frozenset({204, 304})
 # What must never appear inside a request target or a header (RFC 9112 §3.2, RFC 9110 §5.5).
 BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+TOKEN = re.compile(_TOKEN)
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
-# A chunk-size line: the size, then maybe extensions (which nobody needs; they are skipped).
+_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+# Chunk extensions (RFC 9112 §7.1.1), checked though nobody needs them, then skipped.
+# Stricter than the grammar in one place, as h11 is: no whitespace between the size and
+# the first ";".
+_BWS = rb"[ \t]*"
+_EXTENSION = rb";%s%s(?:%s=%s(?:%s|%s))?" % (_BWS, _TOKEN, _BWS, _BWS, _TOKEN, _QUOTED)
+_CHUNK_EXTENSIONS = re.compile(rb"(?:%s(?:%s%s)*)?" % (_EXTENSION, _BWS, _EXTENSION))
+# A chunk-size line: the size, then maybe extensions.
 _MAX_CHUNK_LINE = 1024
 
 
@@ -100,9 +108,10 @@ class ChunkedDecoder:
                     raise FramingError("chunk size line too long")
                 break
             line = bytes(buffer[:end])
-            size_text = line.split(b";", 1)[0]
-            if not _CHUNK_SIZE.fullmatch(size_text) or BAD_VALUE.search(line):
-                raise FramingError("malformed chunk size")
+            size_match = _CHUNK_SIZE.match(line)
+            if size_match is None or not _CHUNK_EXTENSIONS.fullmatch(line, size_match.end()):
+                raise FramingError("malformed chunk size or extension")
+            size_text = size_match.group()
             size = int(size_text, 16)
             if size:
                 del buffer[: end + 2]

@@ -32,6 +32,7 @@ import errno
 import http
 import json
 import logging
+import re
 import socket
 import ssl
 import urllib.parse
@@ -75,6 +76,15 @@ _LINGER_BYTES = 1024 * 1024
 # Bytes read ahead (the next pipelined request) while waiting for a client to go away.
 _READ_AHEAD_LIMIT = 64 * 1024
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
+# A Host value (RFC 9112 §3.2, RFC 3986 §3.2.2): a bracketed IP literal or a registered
+# name (IPv4 addresses included), then maybe a port. Empty is allowed.
+_HOST = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|\[v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+\]"
+    rb"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?"
+)
+# The absolute form of a request target (RFC 9112 §3.2.2): scheme "://" authority, then
+# the path and query (maybe empty). A fragment never belongs in a target.
+_ABSOLUTE_TARGET = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://([^/?]*)(.*)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -421,6 +431,22 @@ def _parse_head(data: bytes) -> tuple[bytes, bytes, bool, Headers]:
     return method, target, http10, headers
 
 
+def _origin_form(method: bytes, target: bytes, headers: Headers) -> tuple[bytes, Headers]:
+    """The target in origin form (a path, maybe a query) and the fields to go with it.
+    An absolute-form target's authority stands for the Host field (RFC 9112 §3.2.2); the
+    asterisk form is left to an OPTIONS request. Raises :class:`_Refused`."""
+    if b"#" in target:
+        raise _Refused(400, "Malformed request target")
+    if target.startswith(b"/") or (target == b"*" and method == b"OPTIONS"):
+        return target, headers
+    absolute = _ABSOLUTE_TARGET.fullmatch(target)
+    if absolute is None or not _HOST.fullmatch(absolute[1]):
+        raise _Refused(400, "Malformed request target")
+    authority, rest = absolute[1], absolute[2]
+    fields = [(b"host", authority), *((k, v) for k, v in headers if k != b"host")]
+    return (rest if rest.startswith(b"/") else b"/" + rest), fields
+
+
 def _frame_request(request: _Request, headers: Headers) -> None:
     """Decides how the request body is delimited (RFC 9112 §6.3) and what else the head
     asks for. Raises :class:`_Refused`."""
@@ -430,6 +456,8 @@ def _frame_request(request: _Request, headers: Headers) -> None:
     for name, value in headers:
         if name == b"host":
             hosts += 1
+            if not _HOST.fullmatch(value):
+                raise _Refused(400, "Malformed Host header")
         elif name == b"content-length":
             lengths.extend(v.strip(b" \t") for v in value.split(b","))
         elif name == b"transfer-encoding":
@@ -527,6 +555,7 @@ class _Server:
                     connection.socket.close()
                     return
                 method, target, http10, headers = _parse_head(head)
+                target, headers = _origin_form(method, target, headers)
                 request = _Request(connection, http10)
                 _frame_request(request, headers)
             except _Refused as refused:

@@ -700,6 +700,14 @@ def test_whitespace_after_a_chunk_size_is_refused(line: bytes) -> None:
     assert refusal_by_pool([raw]) == "protocol_error"
 
 
+@pytest.mark.parametrize("extension", [b";", b';"=x', b";a=", b";a b", b";a=b c", b';a="x'])
+def test_chunk_extensions_outside_the_grammar_are_refused(extension: bytes) -> None:
+    # h11 skips anything after ";"; the client checks RFC 9112 §7.1.1's grammar.
+    raw = CHUNKED_HEAD + b"2" + extension + b"\r\nok\r\n0\r\n\r\n"
+    assert not h11_refuses([raw])
+    assert refusal_by_pool([raw]) == "protocol_error"
+
+
 @pytest.mark.parametrize("extension", [b";a\x01b", b";a=\x7f", b";a\rb", b";a=\x00"])
 def test_control_characters_in_a_chunk_extension_are_refused(extension: bytes) -> None:
     # h11 skips anything after ";" up to CRLF, a bare CR included; the client checks the

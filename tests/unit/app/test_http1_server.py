@@ -315,6 +315,30 @@ def test_chunked_bodies_are_decoded_with_extensions_and_trailers(server: Running
     assert server.app.seen[-1].raw_path == b"/next"
 
 
+def test_an_absolute_form_target_is_read_as_its_path_with_its_authority_as_host(
+    server: Running,
+) -> None:
+    # RFC 9112 §3.2.2: a server takes the absolute form, and its authority over Host.
+    requests = [
+        b"GET http://other.example:8448/_matrix/x?y=1 HTTP/1.1\r\nHost: g\r\n\r\n",
+        b"GET https://[::1]:8448?q HTTP/1.1\r\nHost: g\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nHost: g\r\n\r\n",
+    ]
+    with connect(server.port) as s:
+        buffer = bytearray()
+        s.sendall(b"".join(requests))
+        for _ in requests:
+            read_answer(s, buffer)
+    seen = server.app.seen[-3:]
+    assert [(x.raw_path, x.query_string) for x in seen] == [
+        (b"/_matrix/x", b"y=1"),
+        (b"/", b"q"),
+        (b"*", b""),
+    ]
+    hosts = [[v for k, v in x.headers if k == b"host"] for x in seen]
+    assert hosts == [[b"other.example:8448"], [b"[::1]:8448"], [b"g"]]
+
+
 def test_expect_100_continue_is_answered_before_the_body_is_sent(server: Running) -> None:
     with connect(server.port) as s:
         s.sendall(
@@ -388,6 +412,34 @@ REFUSED = {
         b"0x5\r\nhello\r\n0\r\n\r\n",
         400,
         "Malformed chunked body",
+    ),
+    "malformed chunk extension": (
+        b"PUT /x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'3;"=\t\x80 x\r\nabc\r\n0\r\n\r\n',
+        400,
+        "Malformed chunked body",
+    ),
+    "Host not a host": (
+        b"GET /x HTTP/1.1\r\nHost: a b/c@d\r\n\r\n",
+        400,
+        "Malformed Host header",
+    ),
+    "fragment in target": (
+        b"GET /x#f HTTP/1.1\r\nHost: g\r\n\r\n",
+        400,
+        "Malformed request target",
+    ),
+    "relative target": (b"GET x HTTP/1.1\r\nHost: g\r\n\r\n", 400, "Malformed request target"),
+    "asterisk not OPTIONS": (b"GET * HTTP/1.1\r\nHost: g\r\n\r\n", 400, "Malformed request target"),
+    "bad authority": (
+        b"GET http://a b/x HTTP/1.1\r\nHost: g\r\n\r\n",
+        400,
+        "Malformed request line",
+    ),
+    "bad absolute authority": (
+        b"GET http://a@b/x HTTP/1.1\r\nHost: g\r\n\r\n",
+        400,
+        "Malformed request target",
     ),
     "bare LF": (b"GET /x HTTP/1.1\nHost: g\n\n", 400, "Malformed request head"),
     "no host": (b"GET /x HTTP/1.1\r\n\r\n", 400, "A request needs exactly one Host header"),
